@@ -1,0 +1,391 @@
+"""ksmtuned.conf text -> one frozen, validated Settings object.
+
+The old daemon *sources* the file with bash, as root.  We parse it instead, as the subset
+of shell that real files use (KEY=VALUE, quotes, ``export``, comments, inline comments,
+repeated keys where the last wins, a last line without newline, CRLF line ends, a UTF-8
+byte-order mark), and refuse anything that would run code, naming file:line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .policy import Tuning
+
+DEFAULT_CONFIG_PATH = Path("/etc/ksmtuned.conf")
+DEFAULT_PIDFILE = "/var/run/ksmtune.pid"
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Unquoted characters that are shell syntax (commands, pipes, redirections, expansions).
+_CODE_CHARS = {
+    "$": "expansion or command substitution ('$')",
+    "`": "command substitution ('`')",
+    ";": "a command separator (';')",
+    "|": "a pipe ('|')",
+    "&": "'&' (background or '&&')",
+    "<": "a redirection ('<')",
+    ">": "a redirection ('>')",
+    "(": "a subshell or function ('(')",
+    ")": "a subshell or function (')')",
+}
+_FALSE_WORDS = {"0", "no", "false", "off"}
+MATCHER_NAMES = ("redhat", "debian", "libvirt", "proxmox")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    key: str
+    value: str
+    line_no: int
+
+
+def _error(filename: str, line_no: int, message: str) -> ConfigError:
+    return ConfigError(f"{filename}:{line_no}: {message}")
+
+
+def _parse_value(text: str, filename: str, line_no: int) -> str:
+    """Parse the word after '=' as bash would for an assignment; refuse code."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in " \t":
+            rest = text[i:].strip()
+            if rest and not rest.startswith("#"):
+                raise _error(
+                    filename, line_no,
+                    f"unexpected text after the value: {rest!r} (the shell would run it as a command); "
+                    "quote values that contain spaces",
+                )
+            break
+        if c == "'":
+            end = text.find("'", i + 1)
+            if end < 0:
+                raise _error(filename, line_no, "unterminated single quote (values must fit on one line)")
+            out.append(text[i + 1 : end])
+            i = end + 1
+            continue
+        if c == '"':
+            i += 1
+            while True:
+                if i >= n:
+                    raise _error(filename, line_no, "unterminated double quote (values must fit on one line)")
+                c = text[i]
+                if c == '"':
+                    i += 1
+                    break
+                if c == "\\" and i + 1 < n and text[i + 1] in '"\\$`':
+                    out.append(text[i + 1])
+                    i += 2
+                    continue
+                if c in "$`":
+                    raise _error(
+                        filename, line_no,
+                        f"refusing {_CODE_CHARS[c]} inside double quotes: the config is data, not code",
+                    )
+                out.append(c)
+                i += 1
+            continue
+        if c == "\\":
+            if i + 1 < n:
+                out.append(text[i + 1])
+            i += 2
+            continue
+        if c in _CODE_CHARS:
+            raise _error(filename, line_no, f"refusing {_CODE_CHARS[c]}: the config is data, not code")
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def parse_assignments(text: str, filename: str = str(DEFAULT_CONFIG_PATH)) -> list[Assignment]:
+    """Parse shell-subset config text into assignments, in file order.
+
+    Raises ConfigError naming file:line for anything that is not a plain assignment.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    assignments = []
+    for line_no, raw in enumerate(text.split("\n"), start=1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        if "\0" in line:
+            raise _error(filename, line_no, "NUL byte in line (is this a text file?)")
+        stripped = line.strip(" \t")
+        if not stripped or stripped.startswith("#"):
+            continue
+        body = stripped
+        if re.match(r"export[ \t]", body):
+            body = body[len("export"):].lstrip(" \t")
+            m = _NAME.fullmatch(body.split("#", 1)[0].strip(" \t"))
+            if m and "=" not in body:
+                continue  # `export KEY` alone: nothing to assign
+        m = _NAME.match(body)
+        if not m or body[m.end() : m.end() + 1] != "=":
+            shown = stripped if len(stripped) <= 60 else stripped[:57] + "..."
+            raise _error(
+                filename, line_no,
+                f"expected KEY=VALUE (a comment, a blank line or an assignment), got {shown!r}; "
+                "the config is data, commands are never run",
+            )
+        key = m.group(0)
+        value = _parse_value(body[m.end() + 1 :], filename, line_no)
+        assignments.append(Assignment(key=key, value=value, line_no=line_no))
+    return assignments
+
+
+def parse_bool(text: str) -> bool:
+    """DEBUG: the old daemon enables debug for any non-empty value; 0/no/false/off disable it here."""
+    return bool(text) and text.strip().lower() not in _FALSE_WORDS
+
+
+def parse_listen(text: str) -> tuple[str, int] | None:
+    """KSM_METRICS_LISTEN: 'host:port', '[v6]:port' or a bare port (loopback)."""
+    text = text.strip()
+    if not text:
+        return None
+    host = "127.0.0.1"
+    port_text = text
+    if text.startswith("["):
+        end = text.find("]:")
+        if end < 0:
+            raise ValueError(f"expected [ADDRESS]:PORT, got {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+    elif ":" in text:
+        host, port_text = text.rsplit(":", 1)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected a port number 1-65535, got {port_text!r}")
+    return host or "127.0.0.1", int(port_text)
+
+
+class Settings(BaseModel):
+    """Every setting in force.  Field aliases are the historical ksmtuned.conf keys."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
+
+    monitor_interval_s: float = Field(60.0, alias="KSM_MONITOR_INTERVAL", gt=0, le=86400)
+    sleep_msec: int = Field(10, alias="KSM_SLEEP_MSEC", ge=0, le=10_000_000)
+    npages_boost: int = Field(300, alias="KSM_NPAGES_BOOST", ge=0, le=2**31 - 1)
+    npages_decay: int = Field(-50, alias="KSM_NPAGES_DECAY", le=0, ge=-(2**31))
+    npages_min: int = Field(64, alias="KSM_NPAGES_MIN", ge=0, le=2**32 - 1)
+    npages_max: int = Field(1250, alias="KSM_NPAGES_MAX", ge=0, le=2**32 - 1)
+    thres_coef_pct: int = Field(20, alias="KSM_THRES_COEF", ge=0, le=100)
+    thres_const_kib: int = Field(2048, alias="KSM_THRES_CONST", ge=0, le=2**50)
+    logfile: str | None = Field(None, alias="LOGFILE")
+    debug: bool = Field(False, alias="DEBUG")
+    pidfile: str = Field(DEFAULT_PIDFILE, alias="PIDFILE")
+    guest_match: tuple[str, ...] = Field(MATCHER_NAMES, alias="KSM_GUEST_MATCH")
+    ps_metric: Literal["rss", "pss", "vsz"] = Field("rss", alias="KSM_PS_METRIC")
+    free_metric: Literal["classic", "available"] = Field("classic", alias="KSM_FREE_METRIC")
+    metrics_listen: tuple[str, int] | None = Field(None, alias="KSM_METRICS_LISTEN")
+    metrics_textfile: str | None = Field(None, alias="KSM_METRICS_TEXTFILE")
+
+    @field_validator("debug", mode="before")
+    @classmethod
+    def _debug(cls, v):
+        return parse_bool(v) if isinstance(v, str) else v
+
+    @field_validator("logfile", "metrics_textfile", mode="before")
+    @classmethod
+    def _optional_path(cls, v):
+        return v or None
+
+    @field_validator("ps_metric", mode="before")
+    @classmethod
+    def _ps_metric(cls, v):
+        if isinstance(v, str):
+            v = v.strip().lower()
+            return "rss" if v == "rsz" else v  # Proxmox's spelling
+        return v
+
+    @field_validator("free_metric", mode="before")
+    @classmethod
+    def _free_metric(cls, v):
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _listen(cls, v):
+        return parse_listen(v) if isinstance(v, str) else v
+
+    @field_validator("guest_match", mode="before")
+    @classmethod
+    def _guest_match(cls, v):
+        if isinstance(v, str):
+            items = tuple(item.strip() for item in v.split(",") if item.strip())
+        else:
+            items = tuple(v)
+        if not items:
+            raise ValueError("expected a comma list of redhat, debian, libvirt, proxmox or regex:PATTERN")
+        for item in items:
+            if item.startswith("regex:"):
+                try:
+                    re.compile(item[len("regex:"):])
+                except re.error as e:
+                    raise ValueError(f"invalid regular expression {item[6:]!r}: {e}") from None
+            elif item not in MATCHER_NAMES:
+                raise ValueError(
+                    f"unknown guest matcher {item!r}: expected redhat, debian, libvirt, proxmox or regex:PATTERN"
+                )
+        return items
+
+    @model_validator(mode="after")
+    def _min_le_max(self):
+        if self.npages_max < self.npages_min:
+            raise ValueError(
+                f"KSM_NPAGES_MAX ({self.npages_max}) must be >= KSM_NPAGES_MIN ({self.npages_min})"
+            )
+        return self
+
+    def tuning(self) -> Tuning:
+        return Tuning(
+            npages_boost=self.npages_boost,
+            npages_decay=self.npages_decay,
+            npages_min=self.npages_min,
+            npages_max=self.npages_max,
+            thres_coef_pct=self.thres_coef_pct,
+            thres_const_kib=self.thres_const_kib,
+            sleep_msec=self.sleep_msec,
+        )
+
+
+#: alias -> field name
+KEYS: dict[str, str] = {f.alias: name for name, f in Settings.model_fields.items()}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The settings plus where each value came from ("FILE:LINE", "environment", "default")."""
+
+    settings: Settings
+    sources: Mapping[str, str]
+    warnings: tuple[str, ...] = ()
+    path: str = str(DEFAULT_CONFIG_PATH)
+    file_found: bool = True
+
+
+def _friendly(err: dict) -> str:
+    msg = err.get("msg", "invalid value")
+    kind = err.get("type", "")
+    if kind == "int_parsing" or kind == "int_type" or kind == "int_from_float":
+        return "expected an integer"
+    if kind in ("float_parsing", "float_type"):
+        return "expected a number"
+    if kind == "literal_error":
+        return msg.replace("Input should be", "expected")
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, "):]
+    return msg.replace("Input should be", "expected a value")
+
+
+def build_settings(
+    assignments: list[Assignment],
+    env: Mapping[str, str],
+    filename: str,
+    overrides: Mapping[str, object] | None = None,
+) -> LoadedConfig:
+    """Combine file assignments (last wins), the environment and the defaults into Settings."""
+    warnings = []
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {alias: "default" for alias in KEYS}
+    for a in assignments:
+        if a.key not in KEYS:
+            warnings.append(f"{filename}:{a.line_no}: unknown key {a.key} (ignored)")
+            continue
+        where = f"{filename}:{a.line_no}"
+        if a.value == "":
+            # ${KEY:-default} in the old daemon: an empty value means the default.
+            values.pop(a.key, None)
+            sources[a.key] = f"{where} (empty: default)"
+        else:
+            values[a.key] = a.value
+            sources[a.key] = where
+    for alias in KEYS:
+        if alias not in values and sources[alias] == "default" and env.get(alias):
+            values[alias] = env[alias]
+            sources[alias] = "environment"
+    for alias, value in (overrides or {}).items():
+        values[alias] = value
+        sources[alias] = "command line"
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = err.get("loc") or ()
+            alias = str(loc[0]) if loc else ""
+            if alias in KEYS:
+                where = sources.get(alias, filename)
+                where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
+                problems.append(f"{where}: {alias}: {_friendly(err)}, got {values.get(alias)!r}")
+            else:  # the cross-field check: MAX >= MIN
+                where = sources.get("KSM_NPAGES_MAX", "default")
+                where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
+                problems.append(
+                    f"{where}: KSM_NPAGES_MAX: expected a value >= KSM_NPAGES_MIN "
+                    f"({values.get('KSM_NPAGES_MIN', 64)}), got {values.get('KSM_NPAGES_MAX', 1250)!r}"
+                )
+        raise ConfigError("\n".join(problems)) from None
+    return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
+
+
+def load_config(
+    path: Path = DEFAULT_CONFIG_PATH,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    missing_ok: bool = True,
+) -> LoadedConfig:
+    """Read and validate the config file.  A missing file means all defaults (as the old daemon)."""
+    env = os.environ if env is None else env
+    filename = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        if not missing_ok:
+            raise ConfigError(f"{filename}: no such file") from None
+        loaded = build_settings([], env, filename, overrides)
+        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
+    except OSError as e:
+        raise ConfigError(f"{filename}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{filename}:{line_no}: not valid UTF-8 text") from None
+    return build_settings(parse_assignments(text, filename), env, filename, overrides)
+
+
+def check_file_safety(path: Path, expected_uid: int = 0) -> None:
+    """Refuse a config file, or its directory, that someone other than root could change.
+
+    A root daemon must not trust data others can write (sshd's StrictModes does the same).
+    """
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot stat: {e.strerror}") from None
+    for target, st_ in ((path, st), (path.parent, os.stat(path.parent))):
+        kind = "file" if target == path else "directory"
+        if st_.st_uid != expected_uid:
+            raise ConfigError(
+                f"{target}: config {kind} is owned by uid {st_.st_uid}, not root; "
+                f"fix with: chown root {target} (or pass --insecure-config)"
+            )
+        writable_by_others = st_.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if kind == "directory" and st_.st_mode & stat.S_ISVTX:
+            writable_by_others = 0 if st.st_uid == expected_uid else writable_by_others
+        if writable_by_others:
+            raise ConfigError(
+                f"{target}: config {kind} is writable by group or others (mode {stat.S_IMODE(st_.st_mode):o}); "
+                f"fix with: chmod go-w {target} (or pass --insecure-config)"
+            )

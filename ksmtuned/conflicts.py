@@ -1,0 +1,57 @@
+"""Other KSM tuners that would fight us for /sys/kernel/mm/ksm (KSM.md section 3, fault 9)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: process names / script names of tuners that write KSM knobs
+OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned")
+
+
+def other_tuners(procfs: Path = Path("/proc"), self_pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, name) of every other process that is a KSM tuner: momd, mom-vdsm, a bash or python ksmtuned."""
+    me = {self_pid or os.getpid(), os.getppid()}
+    found = []
+    try:
+        entries = os.listdir(procfs)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit() or int(entry) in me:
+            continue
+        try:
+            raw = (procfs / entry / "cmdline").read_bytes()
+            comm = (procfs / entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        if not args:
+            continue  # kernel thread or zombie
+        names = {comm, os.path.basename(args[0])}
+        # interpreters: the script (bash /usr/sbin/ksmtuned, python3 /usr/bin/momd, python -m ksmtuned)
+        for i, a in enumerate(args[1:3], start=1):
+            if a == "-m" and i + 1 < len(args):
+                names.add(args[i + 1])
+            elif not a.startswith("-"):
+                names.add(os.path.basename(a))
+                break
+        if names & {"ksmtuned"} and not _is_daemon_ksmtuned(args, comm):
+            continue  # `ksmtuned status`, `retune` ... are not tuners
+        for name in OTHER_TUNERS:
+            if name in names:
+                found.append((int(entry), name))
+                break
+    return sorted(found)
+
+
+def _is_daemon_ksmtuned(args: list[str], comm: str) -> bool:
+    """A ksmtuned that tunes: the old bash loop or our daemon (not our short commands)."""
+    if comm == "ksmtuned":
+        return True  # our daemon names itself so (pidfile.set_process_name)
+    base = os.path.basename(args[0])
+    if base in ("bash", "sh", "dash"):
+        return True  # the old daemon: /bin/bash /usr/sbin/ksmtuned
+    commands = {"retune", "check-config", "guests", "status", "check"}
+    flags = {"--once", "--dry-run", "--help", "-h", "--version"}
+    return not (commands & set(args) or flags & set(args))

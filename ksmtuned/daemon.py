@@ -1,0 +1,292 @@
+"""The loop: wait -> collect -> decide -> apply -> report.
+
+All decisions are made by :func:`ksmtuned.policy.decide`; this module only collects the
+sample (meminfo, guests), applies the decision to the KSM directory and reports it (debug
+log, INFO log on change, systemd status, observers such as the state file and metrics).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import meminfo
+from .config import LoadedConfig, Settings
+from .errors import ConfigError, KernelInterfaceError, KsmtunedError
+from .events import Event, SignalEvents
+from .guests import Guest, GuestFinder, committed_kib
+from .ksm import KsmSysfs, Write
+from .logs import DebugLog
+from .notify import Notifier
+from .policy import Branch, Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TickReport:
+    """Everything one adjust saw and did, for observers (state file, metrics)."""
+
+    time_s: float  # wall clock
+    duration_s: float
+    reason: str  # "start", "interval", "retune", "reload", "once"
+    settings: Settings
+    limits: Limits | None
+    decision: Decision | None
+    writes: list[Write] = field(default_factory=list)
+    guests: list[Guest] = field(default_factory=list)
+    meminfo: dict[str, int] = field(default_factory=dict)
+    free_kib: int | None = None
+    committed_kib: int | None = None
+    error: str | None = None
+
+
+Observer = Callable[[TickReport], None]
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: LoadedConfig,
+        sysfs: KsmSysfs,
+        procfs: Path = Path("/proc"),
+        debug_log: DebugLog | None = None,
+        notifier: Notifier | None = None,
+        guest_finder: GuestFinder | None = None,
+        dry_run: bool = False,
+        debug_override: bool = False,
+        reload_config: Callable[[], LoadedConfig] | None = None,
+        observers: Iterable[Observer] = (),
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        out: Callable[[str], None] = print,
+    ):
+        self.config = config
+        self.sysfs = sysfs
+        self.procfs = Path(procfs)
+        self.meminfo_path = self.procfs / "meminfo"
+        self.debug_override = debug_override
+        self.debug_log = debug_log or self._make_debug_log(config.settings)
+        self.notifier = notifier or Notifier({})
+        self.guest_finder = guest_finder or self._make_guest_finder(config.settings)
+        self.dry_run = dry_run
+        self.reload_config = reload_config
+        self.observers = list(observers)
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.out = out
+        self.npages = 0  # kept here, never read back from sysfs (as the old daemon)
+        self.limits: Limits | None = None
+        self.last_decision: Decision | None = None
+        self.ready_sent = False
+        self._advisor_warned = False
+        self._failing_since: float | None = None
+
+    # --- construction helpers -------------------------------------------------------
+    def _make_debug_log(self, settings: Settings) -> DebugLog:
+        return DebugLog(settings.logfile, settings.debug or self.debug_override)
+
+    def _make_guest_finder(self, settings: Settings) -> GuestFinder:
+        return GuestFinder.from_settings(settings, procfs=self.procfs) if hasattr(
+            GuestFinder, "from_settings") else GuestFinder(procfs=self.procfs)
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
+
+    # --- start and reload -----------------------------------------------------------
+    def start(self) -> None:
+        """Compute the limits from MemTotal once, and print the start lines."""
+        total = meminfo.total_kib(meminfo.read_meminfo(self.meminfo_path), str(self.meminfo_path))
+        self.limits = limits_for(total, self.settings.tuning())
+        self.debug_log.write(start_lines(self.limits))
+        log.info(
+            "started: total %d kB, sleep %d ms, threshold %d kB, interval %s s, guests by %s, %s metric, %s free",
+            total, self.limits.sleep_ms, self.limits.thres_kib, _num(self.settings.monitor_interval_s),
+            ",".join(self.settings.guest_match), self.settings.ps_metric, self.settings.free_metric,
+        )
+
+    def reload(self) -> bool:
+        """Re-read the config; on any error keep the settings in force.  True if reloaded."""
+        if self.reload_config is None:
+            return False
+        self.notifier.reloading()
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            log.error("reload failed, keeping the previous settings: %s", e)
+            self.notifier.status(f"reload failed: {str(e).splitlines()[0]}")
+            return False
+        for w in new.warnings:
+            log.warning("%s", w)
+        old_settings = self.settings
+        self.config = new
+        self.debug_log.close()
+        self.debug_log = self._make_debug_log(new.settings)
+        if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+            self.guest_finder = self._make_guest_finder(new.settings)
+        try:
+            self.start()
+        except KernelInterfaceError as e:
+            log.error("reload: %s", e)
+        changed = [
+            f"{alias}: {getattr(old_settings, name)!r} -> {getattr(new.settings, name)!r}"
+            for name, fld in type(new.settings).model_fields.items()
+            for alias in [fld.alias]
+            if getattr(old_settings, name) != getattr(new.settings, name)
+        ]
+        log.info("reloaded %s%s", new.path, (": " + "; ".join(changed)) if changed else " (no change)")
+        return True
+
+    # --- one tick ----------------------------------------------------------------------
+    def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
+        fields = meminfo.read_meminfo(self.meminfo_path)
+        free = meminfo.free_kib(fields, self.settings.free_metric, str(self.meminfo_path))
+        guests = self.guest_finder.scan()
+        committed = _committed(guests, self.settings.ps_metric)
+        return Sample(free_kib=free, committed_kib=committed), fields, guests
+
+    def adjust(self, reason: str = "interval") -> TickReport:
+        started = self.clock()
+        report = TickReport(time_s=self.wall_clock(), duration_s=0.0, reason=reason,
+                            settings=self.settings, limits=self.limits, decision=None)
+        try:
+            if self.limits is None:
+                self.start()
+                report.limits = self.limits
+            sample, fields, guests = self.collect()
+            report.meminfo, report.guests = fields, guests
+            report.free_kib, report.committed_kib = sample.free_kib, sample.committed_kib
+            decision = decide(sample, self.npages, self.limits, self.settings.tuning())
+            report.decision = decision
+            report.writes = self.apply(decision)
+            self.npages = decision.npages
+            self.debug_log.write(tick_lines(decision))
+            self._log_change(decision, report.writes)
+            self.last_decision = decision
+            if self._failing_since is not None:
+                log.info("adjusting works again")
+                self._failing_since = None
+        except KsmtunedError as e:
+            report.error = str(e)
+            log.error("adjust failed (%s), will retry: %s", reason, e)
+            self._failing_since = self._failing_since or self.clock()
+        except Exception as e:  # the tick boundary: log with a traceback and keep running
+            report.error = f"{type(e).__name__}: {e}"
+            log.error("adjust failed (%s) with an unexpected error, will retry:\n%s", reason,
+                      traceback.format_exc().rstrip())
+            self._failing_since = self._failing_since or self.clock()
+        report.duration_s = self.clock() - started
+        self._notify(report)
+        for observer in self.observers:
+            try:
+                observer(report)
+            except Exception:
+                log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
+        return report
+
+    def apply(self, decision: Decision) -> list[Write]:
+        """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs."""
+        if decision.run:
+            wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
+                      ("run", "1")]
+        else:
+            wanted = [("run", "0")]
+        if self.dry_run:
+            writes = []
+            for name, value in wanted:
+                try:
+                    old = self.sysfs.read(name)
+                except KernelInterfaceError:
+                    old = None
+                if old != value:
+                    writes.append(Write(name, old, value))
+                    self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
+            return writes
+        writes = []
+        errors = []
+        for name, value in wanted:
+            try:
+                w = self.sysfs.write_if_changed(name, value)
+            except KernelInterfaceError as e:
+                if name == "pages_to_scan" and e.errno == errno.EINVAL and self.sysfs.advisor_scanning():
+                    if not self._advisor_warned:
+                        log.warning(
+                            "the kernel's KSM advisor (advisor_mode=scan-time) owns pages_to_scan: "
+                            "leaving the scan rate to it, still switching run")
+                        self._advisor_warned = True
+                    continue
+                errors.append(e)
+                continue
+            if w is not None:
+                writes.append(w)
+        if self._advisor_warned and not self.sysfs.advisor_scanning():
+            log.info("the kernel's KSM advisor is off again: ksmtuned sets pages_to_scan")
+            self._advisor_warned = False
+        if errors:
+            raise errors[0]
+        return writes
+
+    def _log_change(self, decision: Decision, writes: list[Write]) -> None:
+        previous = self.last_decision
+        if writes or previous is None or previous.branch is not decision.branch:
+            changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in writes) or "no write needed"
+            log.info("%s (%s)", decision.explain(), changes)
+
+    def _notify(self, report: TickReport) -> None:
+        if report.decision is not None:
+            status = report.decision.explain()
+        else:
+            status = f"adjust failed: {report.error}"
+        if not self.ready_sent and report.decision is not None:
+            self.notifier.ready(status)
+            self.ready_sent = True
+        else:
+            self.notifier.status(status)
+
+    # --- the loop ----------------------------------------------------------------------
+    def run(self, events: SignalEvents) -> None:
+        """Adjust at once, then every interval and on each retune; return on SIGTERM/SIGINT."""
+        self.adjust("start")
+        deadline = self.clock() + self.settings.monitor_interval_s
+        try:
+            while True:
+                timeout = deadline - self.clock()
+                if self.notifier.watchdog_s:
+                    self.notifier.watchdog()
+                    timeout = min(timeout, self.notifier.watchdog_s / 2)
+                got = events.wait(max(0.0, timeout))
+                if Event.STOP in got:
+                    log.info("stopping on signal")
+                    return
+                if Event.RELOAD in got:
+                    self.reload()
+                    reason = "reload"
+                elif Event.RETUNE in got:
+                    reason = "retune"
+                elif self.clock() >= deadline:
+                    reason = "interval"
+                else:
+                    continue  # a watchdog wake-up
+                tick_start = self.clock()
+                self.adjust(reason)
+                deadline = tick_start + self.settings.monitor_interval_s
+        finally:
+            self.notifier.stopping()
+            self.debug_log.close()
+
+
+def _committed(guests: list[Guest], metric: str) -> int:
+    if metric == "rss":
+        return committed_kib(guests)
+    attr = f"{metric}_kib"
+    return sum(getattr(g, attr, None) or 0 for g in guests)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

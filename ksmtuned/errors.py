@@ -1,0 +1,67 @@
+"""The one exception taxonomy and the exit codes that are ksmtuned's API.
+
+Every error a user can meet derives from :class:`KsmtunedError` and carries the
+exit code the CLI turns it into.  Only ``cli`` exits; everything else raises.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Documented in README.md ("Exit codes"); used by ksmtuned.service's RestartPreventExitStatus."""
+
+    OK = 0
+    SOFTWARE = 1  # an unexpected failure (a bug), or a `check` that found a failing host check
+    USAGE = 2  # bad command line
+    NOT_RUNNING = 3  # `retune`/`status`: no ksmtuned daemon runs
+    ALREADY_RUNNING = 4  # another ksmtuned holds the pid file lock
+    UNAVAILABLE = 69  # EX_UNAVAILABLE: this kernel has no KSM
+    NO_PERMISSION = 77  # EX_NOPERM: must run as root
+    CONFIG = 78  # EX_CONFIG: the configuration is invalid or unsafe
+
+
+class KsmtunedError(Exception):
+    """Base of every error ksmtuned reports to a user."""
+
+    exit_code: ExitCode = ExitCode.SOFTWARE
+
+
+class UsageError(KsmtunedError):
+    exit_code = ExitCode.USAGE
+
+
+class ConfigError(KsmtunedError):
+    """The config file (or environment) is invalid; the message names file:line."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class KernelInterfaceError(KsmtunedError):
+    """An I/O failure on a kernel file (/proc or /sys), naming the path and the errno."""
+
+    def __init__(self, message: str, path: str | None = None, errno: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class MeminfoError(KernelInterfaceError):
+    """/proc/meminfo is missing, unreadable or holds impossible data."""
+
+
+class KsmUnavailableError(KernelInterfaceError):
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class KsmPermissionError(KernelInterfaceError):
+    exit_code = ExitCode.NO_PERMISSION
+
+
+class NotRunningError(KsmtunedError):
+    exit_code = ExitCode.NOT_RUNNING
+
+
+class AlreadyRunningError(KsmtunedError):
+    exit_code = ExitCode.ALREADY_RUNNING

@@ -1,0 +1,143 @@
+"""The KSM sysfs directory (root injected): read counters and knobs, apply a decision.
+
+Writes go in a fixed order (pages_to_scan, sleep_millisecs, then run) and only where the
+kernel's value differs, so an admin's manual change is corrected and nothing is rewritten
+needlessly.  Every OSError becomes a KernelInterfaceError naming the path and errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
+
+DEFAULT_SYSFS = Path("/sys/kernel/mm/ksm")
+
+#: Counters ``status`` and the metrics report when the kernel has them.
+COUNTERS = (
+    "full_scans", "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
+    "pages_scanned", "pages_skipped", "general_profit", "ksm_zero_pages", "stable_node_chains",
+    "stable_node_dups",
+)
+KNOBS = (
+    "run", "pages_to_scan", "sleep_millisecs", "max_page_sharing", "merge_across_nodes",
+    "use_zero_pages", "smart_scan", "advisor_mode", "advisor_max_cpu", "advisor_target_scan_time",
+    "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
+)
+
+
+@dataclass(frozen=True)
+class Write:
+    """One knob change, for logging old -> new."""
+
+    name: str
+    old: str | None
+    new: str
+
+
+def _wrap(e: OSError, path: Path, action: str) -> KernelInterfaceError:
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return KsmPermissionError(
+            f"{path}: permission denied while trying to {action}: must run as root", str(path), e.errno
+        )
+    if e.errno == errno.ENOENT and not path.parent.exists():
+        return KsmUnavailableError(
+            f"{path.parent}: no such directory: this kernel has no KSM (CONFIG_KSM)", str(path), e.errno
+        )
+    return KernelInterfaceError(f"{path}: cannot {action}: {os.strerror(e.errno or 0)}", str(path), e.errno)
+
+
+class KsmSysfs:
+    def __init__(self, root: Path = DEFAULT_SYSFS):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def preflight(self, need_write: bool = True) -> None:
+        """Clear errors before the first tick: no KSM -> 69, not root -> 77."""
+        run = self.path("run")
+        if not self.root.is_dir() or not run.exists():
+            raise KsmUnavailableError(
+                f"{self.root}: no such directory: this kernel has no KSM (CONFIG_KSM)", str(self.root),
+                errno.ENOENT,
+            )
+        if need_write:
+            try:
+                fd = os.open(run, os.O_WRONLY)
+            except OSError as e:
+                raise _wrap(e, run, "open for writing") from None
+            os.close(fd)
+
+    def has(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def read(self, name: str) -> str:
+        """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
+        path = self.path(name)
+        try:
+            text = path.read_text().strip()
+        except OSError as e:
+            raise _wrap(e, path, "read") from None
+        if "[" in text and "]" in text:
+            text = text[text.index("[") + 1 : text.index("]")]
+        return text
+
+    def read_int(self, name: str) -> int:
+        text = self.read(name)
+        try:
+            return int(text)
+        except ValueError:
+            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
+                                       str(self.path(name))) from None
+
+    def write(self, name: str, value: str) -> None:
+        path = self.path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        except OSError as e:
+            raise _wrap(e, path, f"write {value}") from None
+        try:
+            os.write(fd, value.encode())
+        except OSError as e:
+            raise _wrap(e, path, f"write {value}") from None
+        finally:
+            os.close(fd)
+
+    def write_if_changed(self, name: str, value: str) -> Write | None:
+        try:
+            old = self.read(name)
+        except KernelInterfaceError:
+            old = None
+        if old == value:
+            return None
+        self.write(name, value)
+        return Write(name, old, value)
+
+    def advisor_scanning(self) -> bool:
+        """True while the kernel's own scan-rate advisor owns pages_to_scan (kernel >= 6.8)."""
+        if not self.has("advisor_mode"):
+            return False
+        try:
+            return self.read("advisor_mode") == "scan-time"
+        except KernelInterfaceError:
+            return False
+
+    def counters(self) -> dict[str, int | str]:
+        """Every counter and knob the kernel offers, as ints where they are numbers."""
+        out: dict[str, int | str] = {}
+        for name in COUNTERS + KNOBS:
+            if not self.has(name):
+                continue
+            try:
+                text = self.read(name)
+            except KernelInterfaceError:
+                continue
+            try:
+                out[name] = int(text)
+            except ValueError:
+                out[name] = text
+        return out

@@ -1,0 +1,117 @@
+"""The old daemon's debug log, and logging setup.
+
+With DEBUG on, each line is ``date``'s output (C locale), ": ", then the text, appended to
+LOGFILE when set, else written to standard output.  The file is reopened when logrotate moves
+or removes it, never followed through a symlink, and a full disk never stops the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import sys
+import time
+from typing import Callable, TextIO
+
+log = logging.getLogger(__name__)
+
+#: What `date` prints in the C locale, e.g. "Sun Nov 29 05:09:43 UTC 2026" (day space-padded).
+DATE_FORMAT = "%a %b %e %H:%M:%S %Z %Y"
+
+
+def date_prefix(now_s: float) -> str:
+    return time.strftime(DATE_FORMAT, time.localtime(now_s))
+
+
+def format_lines(lines: list[str], now_s: float) -> str:
+    prefix = date_prefix(now_s)
+    return "".join(f"{prefix}: {line}\n" for line in lines)
+
+
+class DebugLog:
+    """Appends old-format debug lines to a file (reopened on rotation) or to a stream."""
+
+    def __init__(self, path: str | None, enabled: bool, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.path = path
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stdout
+        self.clock = clock
+        self._fd: int | None = None
+        self._ident: tuple[int, int] | None = None
+        self._failing = False
+
+    def write(self, lines: list[str]) -> None:
+        if not self.enabled or not lines:
+            return
+        data = format_lines(lines, self.clock())
+        if not self.path:
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed terminal must not stop the daemon
+            return
+        try:
+            fd = self._file()
+            os.write(fd, data.encode())
+        except OSError as e:
+            self._close()
+            if not self._failing:
+                log.warning("cannot write debug log %s: %s (will retry each tick)", self.path,
+                            e.strerror or e)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("debug log %s writable again", self.path)
+            self._failing = False
+
+    def _file(self) -> int:
+        if self._fd is not None:
+            try:
+                st = os.stat(self.path)  # type: ignore[arg-type]
+                if (st.st_dev, st.st_ino) == self._ident:
+                    return self._fd
+            except FileNotFoundError:
+                pass
+            self._close()  # rotated or removed: reopen
+        fd = open_private_append(self.path)  # type: ignore[arg-type]
+        st = os.fstat(fd)
+        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
+        return fd
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = self._ident = None
+
+    def close(self) -> None:
+        self._close()
+
+
+def open_private_append(path: str, mode: int = 0o644) -> int:
+    """Open a log file for appending without following a planted symlink or hard link.
+
+    O_NOFOLLOW refuses a symlink; a regular file must be owned by us and have one link.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                 mode)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.EPERM, f"refusing {path}: not a regular file owned by us with a single link")
+    return fd
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """State changes at INFO to standard error (the journal adds time and unit)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,0 +1,131 @@
+"""The pid file: an exclusive flock proves a live ksmtuned owns it.
+
+A second instance cannot take the lock and is refused; a stale file left by a dead daemon
+is not locked and is simply taken over.  The file is never followed through a symlink.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+from .errors import AlreadyRunningError, KsmtunedError, NotRunningError
+
+PROCESS_NAME = "ksmtuned"
+
+
+class PidFile:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise KsmtunedError(f"{self.path}: refusing a pid file that is a symbolic link") from None
+            raise KsmtunedError(f"{self.path}: cannot open pid file: {e.strerror}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            os.close(fd)
+            raise KsmtunedError(
+                f"{self.path}: refusing a pid file that is not a regular file owned by us with one link"
+            )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            other = read_pid(self.path)
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f" as pid {other}" if other else ""
+                raise AlreadyRunningError(f"ksmtuned already runs{who} (it holds the lock on {self.path})") from None
+            raise KsmtunedError(f"{self.path}: cannot lock pid file: {e.strerror}") from None
+        self._fd = fd
+
+    def write_pid(self, pid: int | None = None) -> None:
+        assert self._fd is not None
+        data = f"{pid or os.getpid()}\n".encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def release(self) -> None:
+        """Remove the file (if it is still ours) and drop the lock."""
+        if self._fd is None:
+            return
+        try:
+            st_fd = os.fstat(self._fd)
+            st_path = os.stat(self.path, follow_symlinks=False)
+            if (st_fd.st_dev, st_fd.st_ino) == (st_path.st_dev, st_path.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def read_pid(path: str | Path) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def lock_holders(path: str | Path, procfs: Path = Path("/proc")) -> set[int]:
+    """Pids holding a flock on the file, from /proc/locks."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        text = (procfs / "locks").read_text()
+    except OSError:
+        return set()
+    wanted = f":{st.st_ino}"
+    holders = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if "->" in parts:
+            continue  # a waiter, not a holder
+        if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].endswith(wanted):
+            dev = parts[5].rsplit(":", 1)[0]
+            major, minor = (int(x, 16) for x in dev.split(":"))
+            if os.makedev(major, minor) == st.st_dev and parts[4].isdigit():
+                holders.add(int(parts[4]))
+    return holders
+
+
+def running_daemon(path: str | Path, procfs: Path = Path("/proc")) -> int:
+    """The pid of the live ksmtuned that owns the pid file, verified, else NotRunningError.
+
+    Never trust the file's number alone: the process must be named ksmtuned and hold the lock.
+    """
+    pid = read_pid(path)
+    if pid is None:
+        raise NotRunningError(f"ksmtuned is not running (no valid pid file at {path})")
+    try:
+        comm = (procfs / str(pid) / "comm").read_text().strip()
+    except OSError:
+        raise NotRunningError(f"ksmtuned is not running (stale pid file {path} names pid {pid}, which is gone)") from None
+    if comm != PROCESS_NAME or pid not in lock_holders(path, procfs):
+        raise NotRunningError(
+            f"ksmtuned is not running: pid file {path} names pid {pid} ({comm}), which is not a ksmtuned "
+            "holding that pid file; not signalling it"
+        )
+    return pid
+
+
+def set_process_name(name: str = PROCESS_NAME) -> None:
+    """Set comm (what ps and pgrep show) so `retune` can recognise the daemon."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,34 @@
+"""Shared fixtures and the tier markers (root, ksm, qemu, libvirt, oracle, slow)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import ksmguard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+@pytest.fixture
+def real_ksm():
+    """The real /sys/kernel/mm/ksm, exclusively ours, restored (run=2 first) afterwards."""
+    if not is_root():
+        pytest.skip("needs root to write /sys/kernel/mm/ksm")
+    if not ksmguard.ksm_available():
+        pytest.skip("this kernel has no KSM (/sys/kernel/mm/ksm/run missing)")
+    with ksmguard.exclusive_ksm() as saved:
+        yield ksmguard.KSM_ROOT
+
+
+@pytest.fixture
+def ksmtuned_cmd():
+    """argv prefix that runs this checkout's ksmtuned with the test interpreter."""
+    return [sys.executable, "-m", "ksmtuned"]
