@@ -97,7 +97,9 @@ class KsmSysfs:
     def write(self, name: str, value: str) -> None:
         path = self.path(name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            # O_TRUNC as the shell's `>`: harmless on sysfs, and in a regular-file stand-in
+            # (--sysfs DIR) "300" over "1250" must not leave "3000".
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         except OSError as e:
             raise _wrap(e, path, f"write {value}") from None
         try:
