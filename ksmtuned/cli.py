@@ -21,6 +21,7 @@ DEFAULT_CONFIG = "/etc/ksmtuned.conf"
 DEFAULT_SYSFS = "/sys/kernel/mm/ksm"
 DEFAULT_PROCFS = "/proc"
 DEFAULT_PIDFILE = "/var/run/ksmtune.pid"
+DEFAULT_STATE_FILE = "/run/ksmtuned/state.json"
 
 
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--state-file", metavar="PATH", default=None,
+                   help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     r = sub.add_parser("retune", help="make the running daemon adjust now (SIGUSR1)")
     _common(r, suppress=True)
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="what the daemon decided and what KSM is doing")
     _common(s, suppress=True)
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--state-file", metavar="PATH", default=argparse.SUPPRESS)
     k = sub.add_parser("check", help="host checks from the virtualization guide")
     _common(k, suppress=True)
     k.add_argument("--json", action="store_true", help="machine-readable output")
@@ -217,13 +221,14 @@ def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=()):
                   reload_config=reload_config, notifier=notifier, observers=observers)
 
 
-def _observers(loaded):
+def _observers(args, loaded, sysfs, procfs):
     """Reporters that want every tick (state file, metrics) when their module is present."""
     try:
         from .report import make_observers
     except ImportError:
         return []
-    return make_observers(loaded.settings)
+    return make_observers(loaded.settings, state_path=Path(_opt(args, "state_file", DEFAULT_STATE_FILE)),
+                          sysfs=sysfs.root, procfs=procfs, config_path=loaded.path)
 
 
 def _run_once(args, loaded, sysfs, procfs) -> int:
@@ -252,7 +257,7 @@ def _serve(args, loaded, sysfs, procfs, ready_fd: int | None) -> int:
         pidfile.write_pid()
         set_process_name()
         _tell_parent(ready_fd, "0 ok")
-        daemon = _make_daemon(args, loaded, sysfs, procfs, notifier=Notifier(), observers=_observers(loaded))
+        daemon = _make_daemon(args, loaded, sysfs, procfs, notifier=Notifier(), observers=_observers(args, loaded, sysfs, procfs))
         daemon.run(events)
     finally:
         pidfile.release()
