@@ -29,6 +29,20 @@ def real_ksm():
 
 
 @pytest.fixture
+def world_readable_tmp():
+    """A temp dir an unprivileged user can traverse (pytest's own are 0700 under root)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="ksmtuned-test-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def ksmtuned_cmd():
     """argv prefix that runs this checkout's ksmtuned with the test interpreter."""
     return [sys.executable, "-m", "ksmtuned"]
