@@ -1,66 +1,502 @@
 """Which processes are guests, and how much memory they hold.  The only psutil user.
 
-Issue 2 scope: a process is a guest when its name matches Red Hat's pattern, its command
-line matches Debian's, or it is a QEMU started with ``-accel kvm`` / ``accel=kvm``.
+A guest is a process that one of the configured matchers (``KSM_GUEST_MATCH``) claims:
+
+``redhat``
+    the process name (comm) matches Red Hat's ksmtuned pattern
+    ``^qemu(-(kvm|system-.+)|:.{1,11})$``;
+``debian``
+    the command line matches Debian's ``^qemu-system.*-enable-kvm`` (as ``pgrep -f``);
+``libvirt``
+    a QEMU started the way libvirt starts it: an absolute path to a ``qemu*`` binary with
+    ``-accel kvm`` / ``accel=kvm`` or a process name ``qemu:<guest>``; and every QEMU named by a
+    pid file ``<run>/libvirt/qemu/<guest>.pid``;
+``proxmox``
+    processes named ``kvm``, and every QEMU/KVM named by ``<run>/qemu-server/<vmid>.pid``;
+``regex:<pattern>``
+    the admin's own pattern, searched (``re.search``) in the command line joined by spaces.
+
+Each guest is counted once, under the first configured matcher that claims it.
+
+Cost: the daemon scans every tick, so a scan must stay cheap on a host with thousands of
+processes.  One ``os.scandir(/proc)`` gives every pid with the inode of its ``/proc/PID``
+directory; the kernel gives a new inode to the directory of a new process, so only new or
+changed entries are read (``stat`` for the start time, ``cmdline``).  The verdict is cached
+under (pid, start time): a pid reused by a new process never inherits the old verdict.  A
+process that was young when classified is classified again on the next scan, because it may
+not have called exec() yet (libvirt holds QEMU's child before exec while its hooks run).
+Memory is read only for guests: RSS and VSZ each scan (psutil), ``ksm_stat`` each scan,
+``smaps_rollup`` (PSS, THP; the kernel walks every page table for it) only when the PSS metric
+or the ``guests`` command needs it, else once per guest every ``rollup_interval_s`` for the
+THP warning.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import psutil
 
-#: Red Hat's ksmtuned: the process name (comm).
+log = logging.getLogger(__name__)
+
+#: Red Hat's ksmtuned: the process name (comm, at most 15 characters).
 REDHAT_COMM = re.compile(r"^qemu(-(kvm|system-.+)|:.{1,11})$")
-#: Debian's ksmtuned: the full command line (pgrep -f).
+#: Debian's ksmtuned: the full command line, as pgrep -f sees it.
 DEBIAN_CMDLINE = re.compile(r"^qemu-system.*-enable-kvm")
-#: A QEMU binary (absolute or bare), started with KVM acceleration.
-QEMU_EXE = re.compile(r"(^|/)qemu(-system-[^/\s]+|-kvm)?$")
-ACCEL_KVM = re.compile(r"(^|\s)(-accel\s+kvm\b|-enable-kvm\b|-machine\s+\S*accel=kvm)|accel=kvm")
+#: libvirt: an absolute path to a QEMU binary ...
+LIBVIRT_EXE = re.compile(r"^/\S*/qemu(-system-[^/\s]+|-kvm)?$")
+#: ... with KVM acceleration (``-accel kvm``, ``-machine ...,accel=kvm``) ...
+ACCEL_KVM = re.compile(r"(^|\s)-accel\s+(accel=)?kvm\b|accel=kvm\b")
+#: ... or a process name set with ``-name ...,process=qemu:NAME``.
+LIBVIRT_COMM = re.compile(r"^qemu:.+$")
+#: A process that may stand behind a libvirt or Proxmox pid file.
+QEMU_LIKE = re.compile(r"^(qemu(-system-.*|-kvm|:.*)?|kvm)$")
+
+MATCHER_NAMES = ("redhat", "debian", "libvirt", "proxmox")
+#: pid file directories under the run directory (``/run``)
+PIDFILE_DIRS = {"libvirt": "libvirt/qemu", "proxmox": "qemu-server"}
+
+#: A process younger than this when classified is classified again on the next scan.
+YOUNG_S = 60.0
+#: The THP warning: at least this share of the guest's RSS on transparent huge pages.
+THP_WARN_SHARE = 0.10
+
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
 class Guest:
+    """One guest process and what it holds.  Sizes in kB (KiB), as ``ps`` and meminfo.
+
+    ``pss_kib`` and ``thp_kib`` are None where ``smaps_rollup`` was not read in this scan
+    (it is expensive) or could not be; the ``ksm_*`` fields are None where the kernel has no
+    ``/proc/PID/ksm_stat`` (before 6.1) or it could not be read.
+    """
+
     pid: int
-    name: str  # the process name, or the guest's name where known
-    matcher: str
+    name: str  # the guest's name where known (-name, pid file, qemu:NAME), else the process name
+    matcher: str  # the first configured matcher that claims it
     rss_kib: int
+    vsz_kib: int = 0
+    pss_kib: int | None = None
+    thp_kib: int | None = None  # AnonHugePages: RAM on transparent huge pages, which KSM does not merge
+    ksm_merging_pages: int | None = None  # this guest's pages merged by KSM
+    ksm_zero_pages: int | None = None  # merged with the kernel's zero page (use_zero_pages=1)
+    ksm_profit_bytes: int | None = None  # ksm_process_profit: saved minus KSM's own metadata
+    ksm_mergeable: bool | None = None  # has memory opted in to KSM
+    matchers: tuple[str, ...] = ()  # every configured matcher that claims it
+    comm: str = ""
+    cmdline: tuple[str, ...] = ()
+    start_time_s: float = 0.0  # wall clock (epoch seconds)
+    pidfile: str | None = None  # the pid file that names it, if one does
+    name_known: bool = False  # name came from the guest's configuration, not the process name
+
+    @property
+    def ksm_saved_kib(self) -> int | None:
+        """Memory KSM saves in this guest: its merged pages (plus zero-page merges)."""
+        if self.ksm_merging_pages is None:
+            return None
+        return (self.ksm_merging_pages + (self.ksm_zero_pages or 0)) * PAGE_KIB
+
+    @property
+    def thp_warning(self) -> bool:
+        return _thp_warning(self.thp_kib, self.rss_kib)
+
+    def metric_kib(self, metric: str) -> int:
+        """The size counted by KSM_PS_METRIC (rss, pss or vsz); 0 where unknown."""
+        return getattr(self, f"{metric}_kib") or 0
 
 
-def match(comm: str, cmdline: list[str]) -> str | None:
-    """The matcher that claims a process, or None."""
-    if REDHAT_COMM.match(comm):
-        return "redhat"
-    joined = " ".join(cmdline)
-    if DEBIAN_CMDLINE.match(joined):
-        return "debian"
-    if cmdline and QEMU_EXE.search(cmdline[0]) and ACCEL_KVM.search(joined):
-        return "libvirt"
+def _thp_warning(thp_kib: int | None, rss_kib: int) -> bool:
+    return bool(thp_kib) and thp_kib >= THP_WARN_SHARE * max(rss_kib, 1)
+
+
+def committed_kib(guests: Iterable[Guest], metric: str = "rss") -> int:
+    """The guests' committed memory by KSM_PS_METRIC, in kB."""
+    return sum(g.metric_kib(metric) for g in guests)
+
+
+# --- matchers ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """One KSM_GUEST_MATCH item: claims processes by comm/command line and/or by pid files."""
+
+    name: str
+    claims: Callable[[str, Sequence[str], str], bool]  # (comm, argv, joined argv) -> bool
+    pidfile_dir: str | None = None  # relative to the run directory
+
+
+def _redhat(comm: str, argv: Sequence[str], joined: str) -> bool:
+    return REDHAT_COMM.match(comm) is not None
+
+
+def _debian(comm: str, argv: Sequence[str], joined: str) -> bool:
+    return DEBIAN_CMDLINE.match(joined) is not None
+
+
+def _libvirt(comm: str, argv: Sequence[str], joined: str) -> bool:
+    if not argv or LIBVIRT_EXE.match(argv[0]) is None:
+        return False
+    return ACCEL_KVM.search(joined) is not None or LIBVIRT_COMM.match(comm) is not None
+
+
+def _proxmox(comm: str, argv: Sequence[str], joined: str) -> bool:
+    return comm == "kvm"
+
+
+_NAMED = {"redhat": _redhat, "debian": _debian, "libvirt": _libvirt, "proxmox": _proxmox}
+
+
+def make_matcher(spec: str) -> Matcher:
+    """A matcher from one KSM_GUEST_MATCH item (already validated by the config)."""
+    if spec.startswith("regex:"):
+        pattern = re.compile(spec[len("regex:"):])
+        return Matcher(spec, lambda comm, argv, joined: pattern.search(joined) is not None)
+    try:
+        return Matcher(spec, _NAMED[spec], PIDFILE_DIRS.get(spec))
+    except KeyError:
+        raise ValueError(f"unknown guest matcher {spec!r}") from None
+
+
+# --- what the command line says ------------------------------------------------------------
+
+
+def guest_name(argv: Sequence[str], comm: str = "", pidfile: str | None = None) -> str | None:
+    """The guest's name: ``-name guest=NAME,...`` or ``-name NAME[,...]``, the pid file's name,
+    or ``qemu:NAME`` (the process name QEMU sets; truncated to 11 characters by the kernel)."""
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            value = argv[i + 1]
+            parts = _split_opts(value)
+            for part in parts:
+                if part.startswith("guest="):
+                    return part[len("guest="):] or None
+            if parts and "=" not in parts[0] and parts[0]:
+                return parts[0]
+    if pidfile:
+        return Path(pidfile).name.removesuffix(".pid") or None
+    if comm.startswith("qemu:") and len(comm) > 5:
+        return comm[5:]
     return None
 
 
+def _split_opts(value: str) -> list[str]:
+    """QEMU's option syntax: comma-separated, ',,' is a literal comma."""
+    return [p.replace("\0", ",") for p in value.replace(",,", "\0").split(",")]
+
+
+# --- the scanner ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Proc:
+    """What the cache knows about one process, keyed by (pid, start_ticks)."""
+
+    pid: int
+    start_ticks: int
+    ino: int
+    comm: str
+    argv: tuple[str, ...]
+    claims: tuple[str, ...]  # matchers claiming it by comm/command line
+    young: bool  # classified before it could be sure exec() was done
+    ps: psutil.Process | None = None
+    thp_warned: bool = False
+    next_rollup: float = 0.0
+
+
 class GuestFinder:
-    """Scans the process table (under ``procfs``) for guests."""
+    """Scans the process table under ``procfs`` (and pid files under ``run_dir``) for guests.
 
-    def __init__(self, procfs: Path = Path("/proc")):
-        self.procfs = procfs
+    ``metric`` (KSM_PS_METRIC) decides whether PSS must be read each scan.  Keep one finder
+    for the daemon's lifetime: its cache is what makes a scan cheap.
+    """
 
-    def scan(self) -> list[Guest]:
-        psutil.PROCFS_PATH = str(self.procfs)
-        guests = []
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            try:
-                matcher = match(proc.info["name"] or "", proc.info["cmdline"] or [])
-                if matcher is None:
+    def __init__(
+        self,
+        procfs: Path = Path("/proc"),
+        matchers: Sequence[str] = MATCHER_NAMES,
+        run_dir: Path = Path("/run"),
+        metric: str = "rss",
+        rollup_interval_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.procfs = Path(procfs)
+        self._proc = str(self.procfs)
+        self.run_dir = Path(run_dir)
+        self.matchers = [make_matcher(m) for m in matchers]
+        self.metric = metric
+        self.rollup_interval_s = rollup_interval_s
+        self.clock = clock
+        self._seen: dict[str, int] = {}  # /proc entry name -> inode, as of the last scan
+        self._cache: dict[int, _Proc] = {}
+        self._young: set[int] = set()
+        self._pidfiles: dict[str, tuple[tuple[int, int], int | None]] = {}  # path -> ((ino, mtime), pid)
+        self._btime_s: float | None = None
+        self._self_pid = os.getpid() if self.procfs == Path("/proc") else None
+
+    @classmethod
+    def from_settings(cls, settings, procfs: Path = Path("/proc"), run_dir: Path = Path("/run"), **kw):
+        """The finder the daemon uses: KSM_GUEST_MATCH and KSM_PS_METRIC from the settings."""
+        return cls(procfs=procfs, matchers=settings.guest_match, run_dir=run_dir,
+                   metric=settings.ps_metric, **kw)
+
+    @property
+    def matcher_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.matchers)
+
+    # --- the scan ------------------------------------------------------------------------
+    def scan(self, details: bool = False) -> list[Guest]:
+        """The guests now, sorted by pid.  ``details``: read PSS and THP for every guest."""
+        try:
+            with os.scandir(self._proc) as it:
+                current = {e.name: e.inode() for e in it}
+        except OSError as e:
+            from .errors import KernelInterfaceError
+
+            raise KernelInterfaceError(f"{self._proc}: cannot list: {e.strerror}", self._proc, e.errno) from None
+        changed = current.items() - self._seen.items()
+        changed_names = {name for name, _ in changed}
+        now_ticks: float | None = None
+        for name, ino in changed:
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            if now_ticks is None:
+                now_ticks = self._uptime_s() * CLK_TCK
+            self._classify(pid, ino, now_ticks)
+        if self._young:
+            if now_ticks is None:
+                now_ticks = self._uptime_s() * CLK_TCK
+            for pid in list(self._young):
+                entry = self._cache.get(pid)
+                if entry is None or str(pid) not in current:
+                    self._young.discard(pid)
                     continue
-                rss_kib = proc.memory_info().rss // 1024
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue  # exited mid-scan: skipped, not an error
-            guests.append(Guest(pid=proc.pid, name=proc.info["name"] or "", matcher=matcher, rss_kib=rss_kib))
-        return guests
+                if str(pid) in changed_names:
+                    continue  # just classified
+                self._classify(pid, current[str(pid)], now_ticks, recheck=True)
+        self._seen = current
+        if len(self._cache) > 2 * len(current) + 64:
+            self._cache = {pid: e for pid, e in self._cache.items() if str(pid) in current}
+
+        by_pidfile = self._pidfile_claims(current)
+        now = self.clock()
+        guests = []
+        for entry in self._candidates(by_pidfile, current):
+            claims = set(entry.claims)
+            pidfile = None
+            for matcher_name, path in by_pidfile.get(entry.pid, ()):
+                claims.add(matcher_name)
+                pidfile = pidfile or path
+            ordered = tuple(m for m in self.matcher_names if m in claims)
+            if not ordered or entry.pid == self._self_pid:
+                continue
+            guest = self._measure(entry, ordered, pidfile, details, now)
+            if guest is not None:
+                guests.append(guest)
+        return sorted(guests, key=lambda g: g.pid)
+
+    def _candidates(self, by_pidfile: dict[int, list[tuple[str, str]]], current: dict[str, int]) -> list[_Proc]:
+        out = [e for e in self._cache.values() if e.claims and str(e.pid) in current]
+        for pid in by_pidfile:
+            entry = self._cache.get(pid)
+            if entry is not None and not entry.claims:
+                out.append(entry)
+        return out
+
+    def _classify(self, pid: int, ino: int, now_ticks: float, recheck: bool = False) -> None:
+        try:
+            start_ticks, comm = self._read_stat(pid)
+            old = self._cache.get(pid)
+            if old is not None and old.start_ticks == start_ticks and not recheck:
+                old.ino = ino  # the same process; its /proc dentry was only rebuilt
+                return
+            argv = self._read_argv(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            self._cache.pop(pid, None)
+            self._young.discard(pid)
+            return
+        except OSError:
+            return  # unreadable now (permissions, a race); tried again when its entry changes
+        if not argv:  # kernel thread or zombie
+            claims: tuple[str, ...] = ()
+        else:
+            joined = " ".join(argv)
+            claims = tuple(m.name for m in self.matchers if m.claims(comm, argv, joined))
+        young = (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
+        if old is not None and old.start_ticks == start_ticks:
+            old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
+        else:
+            self._cache[pid] = _Proc(pid, start_ticks, ino, comm, argv, claims, young)
+        if young:
+            self._young.add(pid)
+        else:
+            self._young.discard(pid)
+
+    def _read_stat(self, pid: int) -> tuple[int, str]:
+        with open(f"{self._proc}/{pid}/stat", "rb") as f:
+            data = f.read()
+        # comm may hold spaces and parentheses: it ends at the last ')'
+        head, _, tail = data.rpartition(b")")
+        comm = head.partition(b"(")[2].decode(errors="replace")
+        # fields after comm start at field 3 (state); starttime is field 22
+        return int(tail.split()[19]), comm
+
+    def _read_argv(self, pid: int) -> tuple[str, ...]:
+        with open(f"{self._proc}/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+        if raw.endswith(b"\0"):
+            raw = raw[:-1]
+        return tuple(a.decode(errors="replace") for a in raw.split(b"\0")) if raw else ()
+
+    def _uptime_s(self) -> float:
+        try:
+            with open(f"{self._proc}/uptime", "rb") as f:
+                return float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return float("inf")  # unknown: treat every process as old
+
+    def _boot_time_s(self) -> float:
+        if self._btime_s is None:
+            try:
+                with open(f"{self._proc}/stat", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"btime "):
+                            self._btime_s = float(line.split()[1])
+                            break
+            except (OSError, ValueError):
+                pass
+            if self._btime_s is None:
+                self._btime_s = time.time() - self._uptime_s() if self._uptime_s() != float("inf") else 0.0
+        return self._btime_s
+
+    # --- pid files -------------------------------------------------------------------------
+    def _pidfile_claims(self, current: dict[str, int]) -> dict[int, list[tuple[str, str]]]:
+        """pid -> [(matcher, pid file)] for live QEMU/KVM processes that a pid file names.
+
+        A stale pid file whose pid now belongs to another process is ignored: that process
+        started after the pid file was written, or is no QEMU.
+        """
+        claims: dict[int, list[tuple[str, str]]] = {}
+        for matcher in self.matchers:
+            if matcher.pidfile_dir is None:
+                continue
+            directory = self.run_dir / matcher.pidfile_dir
+            try:
+                with os.scandir(directory) as it:
+                    entries = [e for e in it if e.name.endswith(".pid") and e.is_file(follow_symlinks=False)]
+            except OSError:
+                continue  # no such directory: that manager is not installed or runs no guest
+            for e in entries:
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                key = (st.st_ino, st.st_mtime_ns)
+                cached = self._pidfiles.get(e.path)
+                if cached is not None and cached[0] == key:
+                    pid = cached[1]
+                else:
+                    pid = _read_pid(e.path)
+                    self._pidfiles[e.path] = (key, pid)
+                if pid is None or str(pid) not in current:
+                    continue
+                entry = self._cache.get(pid)
+                if entry is None or not entry.argv:
+                    continue
+                exe = os.path.basename(entry.argv[0])
+                if not (QEMU_LIKE.match(entry.comm) or QEMU_LIKE.match(exe)):
+                    continue
+                started_s = self._boot_time_s() + entry.start_ticks / CLK_TCK
+                if started_s > st.st_mtime + 2.0:  # started after the pid file was written: a reused pid
+                    continue
+                claims.setdefault(pid, []).append((matcher.name, e.path))
+        if len(self._pidfiles) > 1024:
+            self._pidfiles.clear()
+        return claims
+
+    # --- memory --------------------------------------------------------------------------
+    def _measure(self, entry: _Proc, matchers: tuple[str, ...], pidfile: str | None, details: bool,
+                 now: float) -> Guest | None:
+        psutil.PROCFS_PATH = self._proc
+        try:
+            if entry.ps is None:
+                entry.ps = psutil.Process(entry.pid)
+            mem = entry.ps.memory_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            return None  # exited mid-scan: skipped, not an error
+        rss_kib, vsz_kib = mem.rss // 1024, mem.vms // 1024
+        pss_kib = thp_kib = None
+        if details or self.metric == "pss" or now >= entry.next_rollup:
+            rollup = _read_keyed(f"{self._proc}/{entry.pid}/smaps_rollup")
+            if rollup is not None:
+                pss_kib, thp_kib = rollup.get("Pss"), rollup.get("AnonHugePages")
+            entry.next_rollup = now + self.rollup_interval_s
+        ksm = _read_keyed(f"{self._proc}/{entry.pid}/ksm_stat") or {}
+        known = guest_name(entry.argv, entry.comm, pidfile)
+        guest = Guest(
+            pid=entry.pid,
+            name=known or entry.comm,
+            matcher=matchers[0],
+            rss_kib=rss_kib,
+            vsz_kib=vsz_kib,
+            pss_kib=pss_kib,
+            thp_kib=thp_kib,
+            ksm_merging_pages=ksm.get("ksm_merging_pages"),
+            ksm_zero_pages=ksm.get("ksm_zero_pages"),
+            ksm_profit_bytes=ksm.get("ksm_process_profit"),
+            ksm_mergeable=ksm.get("ksm_mergeable"),
+            matchers=matchers,
+            comm=entry.comm,
+            cmdline=entry.argv,
+            start_time_s=self._boot_time_s() + entry.start_ticks / CLK_TCK,
+            pidfile=pidfile,
+            name_known=known is not None,
+        )
+        if not entry.thp_warned and guest.thp_warning:
+            entry.thp_warned = True
+            log.warning(
+                "guest %s (pid %d): %d MiB of its %d MiB resident memory is on transparent huge pages, "
+                "which KSM does not merge; disable THP for guests (e.g. transparent_hugepage=madvise and "
+                "no hugepages in the guest's memory backing) to let KSM work",
+                guest.name, guest.pid, thp_kib // 1024, rss_kib // 1024,
+            )
+        return guest
 
 
-def committed_kib(guests: list[Guest]) -> int:
-    return sum(g.rss_kib for g in guests)
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(32).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _read_keyed(path: str) -> dict | None:
+    """'Key: N kB' (smaps_rollup) or 'key N' / 'key: yes' (ksm_stat) lines; None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    out: dict = {}
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.replace(":", " ", 1).split()
+        if len(parts) < 2:
+            continue
+        key, value = parts[0], parts[1]
+        if value.lstrip("-").isdigit():
+            out[key] = int(value)
+        elif value in ("yes", "no"):
+            out[key] = value == "yes"
+    return out
