@@ -120,6 +120,7 @@ class Daemon:
             new = self.reload_config()
         except ConfigError as e:
             log.error("reload failed, keeping the previous settings: %s", e)
+            self.notifier.reloaded()
             self.notifier.status(f"reload failed: {str(e).splitlines()[0]}")
             return False
         for w in new.warnings:
@@ -141,6 +142,7 @@ class Daemon:
             if getattr(old_settings, name) != getattr(new.settings, name)
         ]
         log.info("reloaded %s%s", new.path, (": " + "; ".join(changed)) if changed else " (no change)")
+        self.notifier.reloaded()
         return True
 
     # --- one tick ----------------------------------------------------------------------

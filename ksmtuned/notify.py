@@ -35,7 +35,13 @@ class Notifier:
             self.send("WATCHDOG=1")
 
     def reloading(self) -> None:
-        self.send("RELOADING=1")
+        """Start of a reload; systemd keeps the unit "reloading" until the next READY=1."""
+        import time
+
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+    def reloaded(self) -> None:
+        self.send("READY=1")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")
