@@ -1,0 +1,210 @@
+"""Prometheus metrics from the daemon's own loop data (prometheus_client, the `metrics` extra).
+
+A custom collector renders the last :class:`ksmtuned.report.TickData`; nothing is read from
+the kernel during a scrape, so a scrape costs only the formatting and can never slow or
+block the adjust loop.  ``KSM_METRICS_LISTEN`` serves ``/metrics`` from prometheus_client's
+HTTP server thread (started by the main thread after the daemon blocked its signals, so the
+thread inherits the blocked mask and every signal still goes to the loop's sigtimedwait);
+``KSM_METRICS_TEXTFILE`` is replaced atomically after every tick for node_exporter's
+textfile collector.  Every name starts with ``ksmtuned_``: node_exporter's own ksmd
+collector owns ``node_ksmd_*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric,
+                                    SummaryMetricFamily)
+
+from .report import TickData
+from .state import atomic_write
+
+log = logging.getLogger(__name__)
+
+#: KSM sysfs file -> (metric name, type, help, scale).  Counters get ``_total`` appended.
+KSM_METRICS: dict[str, tuple[str, str, str, float]] = {
+    "full_scans": ("ksmtuned_ksm_full_scans", "counter", "Full scans of all mergeable memory by ksmd", 1),
+    "pages_scanned": ("ksmtuned_ksm_pages_scanned", "counter", "Pages scanned by ksmd", 1),
+    "pages_skipped": ("ksmtuned_ksm_pages_skipped", "counter", "Pages skipped by ksmd's smart scan", 1),
+    "pages_shared": ("ksmtuned_ksm_pages_shared", "gauge", "KSM pages in use (each shared by several sites)", 1),
+    "pages_sharing": ("ksmtuned_ksm_pages_sharing", "gauge", "Sites sharing KSM pages (pages saved)", 1),
+    "pages_unshared": ("ksmtuned_ksm_pages_unshared", "gauge",
+                       "Pages unique but repeatedly checked for merging (wasted effort)", 1),
+    "pages_volatile": ("ksmtuned_ksm_pages_volatile", "gauge", "Pages changing too fast to be merged", 1),
+    "ksm_zero_pages": ("ksmtuned_ksm_zero_pages", "gauge", "Empty pages merged with the kernel zero page", 1),
+    "stable_node_chains": ("ksmtuned_ksm_stable_node_chains", "gauge", "KSM pages that hit max_page_sharing", 1),
+    "stable_node_dups": ("ksmtuned_ksm_stable_node_dups", "gauge", "Duplicated KSM pages (stable_node_dups)", 1),
+    "general_profit": ("ksmtuned_ksm_general_profit_bytes", "gauge",
+                       "Net memory saved by KSM after its own metadata (may be negative)", 1),
+    "run": ("ksmtuned_ksm_run", "gauge", "KSM run state: 0 stopped, 1 running, 2 unmerging", 1),
+    "pages_to_scan": ("ksmtuned_ksm_pages_to_scan", "gauge", "Pages ksmd scans per wake-up", 1),
+    "sleep_millisecs": ("ksmtuned_ksm_sleep_seconds", "gauge", "ksmd's sleep between wake-ups", 0.001),
+    "max_page_sharing": ("ksmtuned_ksm_max_page_sharing", "gauge", "Maximum sites sharing one KSM page", 1),
+    "merge_across_nodes": ("ksmtuned_ksm_merge_across_nodes", "gauge", "Whether pages merge across NUMA nodes", 1),
+    "use_zero_pages": ("ksmtuned_ksm_use_zero_pages", "gauge", "Whether empty pages merge with the zero page", 1),
+    "smart_scan": ("ksmtuned_ksm_smart_scan", "gauge", "Whether ksmd skips pages that did not merge before", 1),
+    "advisor_max_cpu": ("ksmtuned_ksm_advisor_max_cpu_percent", "gauge", "The kernel advisor's CPU budget", 1),
+    "advisor_target_scan_time": ("ksmtuned_ksm_advisor_target_scan_time_seconds", "gauge",
+                                 "The kernel advisor's target time for a full scan", 1),
+    "advisor_min_pages_to_scan": ("ksmtuned_ksm_advisor_min_pages_to_scan", "gauge",
+                                  "The kernel advisor's lower bound for pages_to_scan", 1),
+    "advisor_max_pages_to_scan": ("ksmtuned_ksm_advisor_max_pages_to_scan", "gauge",
+                                  "The kernel advisor's upper bound for pages_to_scan", 1),
+}
+
+
+def families(d: TickData, version: str) -> Iterator[Metric]:
+    """The metric families of one tick (no I/O)."""
+    info = InfoMetricFamily("ksmtuned", "ksmtuned's version and the metrics it uses")
+    info.add_metric([], {"version": version, "free_metric": d.free_metric, "ps_metric": d.ps_metric,
+                         "guest_match": ",".join(d.guest_match)})
+    yield info
+    for name, (metric, kind, help_text, scale) in KSM_METRICS.items():
+        value = d.ksm.get(name)
+        if not isinstance(value, int):
+            continue
+        family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        yield family(metric, help_text, value=value * scale if scale != 1 else value)
+    mode = d.ksm.get("advisor_mode")
+    if isinstance(mode, str):
+        g = GaugeMetricFamily("ksmtuned_ksm_advisor_mode", "The kernel's KSM advisor mode in force (value 1)",
+                              labels=["mode"])
+        g.add_metric([mode], 1)
+        yield g
+    if d.saved_bytes is not None:
+        yield GaugeMetricFamily("ksmtuned_ksm_saved_bytes", "Memory saved by KSM: pages_sharing x page size",
+                                value=d.saved_bytes)
+    if d.ksmd_cpu_s is not None:
+        yield CounterMetricFamily("ksmtuned_ksmd_cpu_seconds", "CPU time used by the ksmd kernel thread",
+                                  value=d.ksmd_cpu_s)
+    for metric, kib, help_text in (
+        ("ksmtuned_memory_total_bytes", d.total_kib, "MemTotal, as the daemon read it at start"),
+        ("ksmtuned_memory_free_bytes", d.free_kib, "Free memory by KSM_FREE_METRIC at the last adjust"),
+        ("ksmtuned_memory_committed_bytes", d.committed_kib,
+         "Memory held by the guests by KSM_PS_METRIC at the last adjust"),
+        ("ksmtuned_memory_threshold_bytes", d.thres_kib, "Free-memory threshold below which KSM boosts"),
+    ):
+        if kib is not None:
+            yield GaugeMetricFamily(metric, help_text, value=kib * 1024)
+    if d.npages is not None:
+        yield GaugeMetricFamily("ksmtuned_npages", "The daemon's pages_to_scan target (kept while KSM is off)",
+                                value=d.npages)
+    if d.sleep_ms is not None:
+        yield GaugeMetricFamily("ksmtuned_sleep_seconds", "The sleep_millisecs the daemon sets, in seconds",
+                                value=d.sleep_ms / 1000)
+    yield GaugeMetricFamily("ksmtuned_monitor_interval_seconds", "KSM_MONITOR_INTERVAL", value=d.interval_s)
+    decisions = CounterMetricFamily("ksmtuned_decisions", "Adjusts since the daemon started, by decision",
+                                    labels=["decision"])
+    for kind, count in d.decisions.items():
+        decisions.add_metric([kind], count)
+    yield decisions
+    yield GaugeMetricFamily("ksmtuned_running", "1 when the last decision left ksmd running",
+                            value=1 if d.run else 0)
+    yield SummaryMetricFamily("ksmtuned_adjust_duration_seconds", "Time each adjust took",
+                              count_value=d.adjusts, sum_value=d.adjust_seconds_sum)
+    yield GaugeMetricFamily("ksmtuned_last_adjust_duration_seconds", "Time the last adjust took",
+                            value=d.duration_s)
+    yield GaugeMetricFamily("ksmtuned_last_adjust_timestamp_seconds", "When the last adjust ran (Unix time)",
+                            value=d.time_s)
+    if d.last_success_s is not None:
+        yield GaugeMetricFamily("ksmtuned_last_success_timestamp_seconds",
+                                "When the last successful adjust ran (Unix time)", value=d.last_success_s)
+    yield GaugeMetricFamily("ksmtuned_guests", "Processes counted as guests at the last adjust", value=len(d.guests))
+    memory = GaugeMetricFamily("ksmtuned_guest_memory_bytes", "A guest's memory by KSM_PS_METRIC",
+                               labels=["guest", "pid"])
+    merging = GaugeMetricFamily("ksmtuned_guest_ksm_merging_bytes",
+                                "A guest's memory merged by KSM (ksm_merging_pages x page size)",
+                                labels=["guest", "pid"])
+    profit = GaugeMetricFamily("ksmtuned_guest_ksm_profit_bytes",
+                               "A guest's net KSM saving (ksm_process_profit)", labels=["guest", "pid"])
+    for g in d.guests:
+        labels = [g.name, str(g.pid)]
+        if g.memory_kib is not None:
+            memory.add_metric(labels, g.memory_kib * 1024)
+        if g.ksm_merging_pages is not None:
+            merging.add_metric(labels, g.ksm_merging_pages * d.page_size)
+        if g.ksm_profit_bytes is not None:
+            profit.add_metric(labels, g.ksm_profit_bytes)
+    yield memory
+    yield merging
+    yield profit
+
+
+class LastTickCollector:
+    """Renders whatever tick was stored last; the reference swap is atomic, so no lock."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.data: TickData | None = None
+
+    def describe(self) -> list:
+        return []  # registering must not render; names are unique by construction
+
+    def collect(self) -> Iterator[Metric]:
+        data = self.data
+        if data is not None:
+            yield from families(data, self.version)
+
+
+class Metrics:
+    """The HTTP endpoint and the textfile, reconfigured from the settings in force each tick."""
+
+    def __init__(self, version: str, on_error: Callable[[str, str], None] | None = None,
+                 on_ok: Callable[[str, str], None] | None = None):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = LastTickCollector(version)
+        self.registry.register(self.collector)
+        self.on_error = on_error or (lambda key, msg: log.warning("%s", msg))
+        self.on_ok = on_ok or (lambda key, msg: None)
+        self.listen: tuple[str, int] | None = None
+        self.textfile: str | None = None
+        self._server = None
+        self._failed_listen: tuple[str, int] | None = None
+
+    def configure(self, listen: tuple[str, int] | None, textfile: str | None) -> None:
+        self.textfile = textfile
+        if listen == self.listen or (listen is not None and listen == self._failed_listen):
+            return
+        self.stop_server()
+        if listen is None:
+            return
+        host, port = listen
+        try:
+            result = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            self._failed_listen = listen
+            self.on_error("listen", f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
+                                    "(fix KSM_METRICS_LISTEN and reload)")
+            return
+        self._server = result[0] if isinstance(result, tuple) else None
+        self.listen, self._failed_listen = listen, None
+        log.info("serving metrics on http://%s/metrics", _hostport(host, port))
+
+    def stop_server(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.listen = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def update(self, data: TickData) -> None:
+        self.collector.data = data
+        if self.textfile:
+            # no fsync: the file is rewritten every tick and the rename alone keeps it whole
+            try:
+                atomic_write(Path(self.textfile), self.render(), fsync=False)
+            except OSError as e:
+                self.on_error("textfile", f"cannot write the metrics textfile {self.textfile}: {e.strerror or e}")
+                return
+            self.on_ok("textfile", f"metrics textfile {self.textfile} written again")
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

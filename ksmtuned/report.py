@@ -1,0 +1,380 @@
+"""After every adjust: the state file, and the Prometheus metrics when configured.
+
+``make_observers(settings, ...)`` returns the daemon's observers (``daemon.TickReport`` ->
+None).  One :class:`Reporter` collects what the tick itself did not (the KSM counters,
+ksmd's CPU time, each guest's KSM savings) once, into an immutable :class:`TickData`;
+the state file and the metrics are both rendered from it, so an HTTP scrape does nothing but
+format the last tick's numbers.  prometheus_client is imported only when
+``KSM_METRICS_LISTEN`` or ``KSM_METRICS_TEXTFILE`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .ksm import DEFAULT_SYSFS, KsmSysfs
+from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
+DECISION_KINDS = ("stop", "boost", "decay", "error")
+
+
+# --- /proc readers -------------------------------------------------------------------------
+
+def read_proc_stat(procfs: Path, pid: int | str) -> tuple[str, list[str]]:
+    """(comm, fields from field 3 on) of /proc/PID/stat; field n (1-based) is ``rest[n - 3]``.
+
+    comm may contain spaces and parentheses: it is everything between the first '(' and
+    the last ')'.  Raises OSError or ValueError.
+    """
+    raw = (Path(procfs) / str(pid) / "stat").read_text()
+    left, right = raw.index("("), raw.rindex(")")
+    return raw[left + 1:right], raw[right + 2:].split()
+
+
+def system_uptime_s(procfs: Path = Path("/proc")) -> float | None:
+    try:
+        return float((Path(procfs) / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_age_s(procfs: Path, pid: int) -> float | None:
+    """Seconds since the process started (starttime, field 22, against /proc/uptime)."""
+    try:
+        _, rest = read_proc_stat(procfs, pid)
+        started = int(rest[19]) / CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+    up = system_uptime_s(procfs)
+    return None if up is None else max(0.0, up - started)
+
+
+class Ksmd:
+    """The ksmd kernel thread: found once by comm (and the kernel-thread flag), then its CPU time."""
+
+    def __init__(self, procfs: Path = Path("/proc")):
+        self.procfs = Path(procfs)
+        self.pid: int | None = None
+        self._searched = False
+
+    def find(self) -> int | None:
+        try:
+            pids = sorted(int(e) for e in os.listdir(self.procfs) if e.isdigit())
+        except OSError:
+            return None
+        for pid in pids:  # kernel threads have low pids: ksmd is found early
+            try:
+                comm, rest = read_proc_stat(self.procfs, pid)
+                if comm == "ksmd" and int(rest[6]) & PF_KTHREAD:
+                    return pid
+            except (OSError, ValueError, IndexError):
+                continue
+        return None
+
+    def _times(self, pid: int) -> tuple[float, float] | None:
+        """(utime+stime seconds, seconds since ksmd started) or None if pid is not ksmd."""
+        try:
+            comm, rest = read_proc_stat(self.procfs, pid)
+            if comm != "ksmd":
+                return None
+            return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS, int(rest[19]) / CLOCK_TICKS
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def cpu_seconds(self) -> float | None:
+        """ksmd's CPU time (user+system, seconds) since boot, or None without KSM."""
+        if self.pid is None and not self._searched:
+            self.pid, self._searched = self.find(), True
+        if self.pid is None:
+            return None
+        times = self._times(self.pid)
+        if times is None:  # a kernel thread does not go away; look once more anyway
+            self.pid = self.find()
+            times = self._times(self.pid) if self.pid else None
+        return None if times is None else times[0]
+
+    def average_percent(self) -> float | None:
+        """ksmd's average CPU use since it started, in percent of one CPU."""
+        if self.cpu_seconds() is None or self.pid is None:
+            return None
+        times = self._times(self.pid)
+        up = system_uptime_s(self.procfs)
+        if times is None or up is None or up - times[1] <= 0:
+            return None
+        return 100.0 * times[0] / (up - times[1])
+
+
+def read_ksm_stat(procfs: Path, pid: int) -> dict[str, int]:
+    """/proc/PID/ksm_stat as {key: int} (kernel >= 6.1; ksm_process_profit >= 6.4); {} if absent."""
+    try:
+        text = (Path(procfs) / str(pid) / "ksm_stat").read_text()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue  # ksm_merge_any: yes/no and the like
+    return out
+
+
+# --- one tick's data -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GuestData:
+    pid: int
+    name: str
+    matcher: str
+    memory_kib: int | None  # by KSM_PS_METRIC
+    ksm_merging_pages: int | None
+    ksm_profit_bytes: int | None
+
+
+@dataclass(frozen=True)
+class TickData:
+    """Everything the state file and the metrics show for one tick.  Never mutated."""
+
+    time_s: float
+    duration_s: float
+    reason: str
+    error: str | None
+    decision: str  # stop, boost, decay, or error
+    explain: str
+    run: bool | None
+    npages: int | None
+    sleep_ms: int | None
+    total_kib: int | None
+    free_kib: int | None
+    committed_kib: int | None
+    thres_kib: int | None
+    free_metric: str
+    ps_metric: str
+    interval_s: float
+    guest_match: tuple[str, ...]
+    ksm: dict[str, int | str]
+    ksmd_pid: int | None
+    ksmd_cpu_s: float | None
+    guests: tuple[GuestData, ...]
+    decisions: dict[str, int]  # since the daemon started
+    adjusts: int
+    adjust_seconds_sum: float
+    last_success_s: float | None
+    page_size: int = PAGE_SIZE
+    writes: tuple[dict, ...] = field(default_factory=tuple)
+
+    @property
+    def saved_bytes(self) -> int | None:
+        sharing = self.ksm.get("pages_sharing")
+        return sharing * self.page_size if isinstance(sharing, int) else None
+
+    @property
+    def profit_bytes(self) -> int | None:
+        profit = self.ksm.get("general_profit")
+        return profit if isinstance(profit, int) else None
+
+    def history_entry(self) -> dict[str, Any]:
+        return {"t": round(self.time_s, 3), "saved_bytes": self.saved_bytes, "profit_bytes": self.profit_bytes,
+                "ksmd_cpu_s": self.ksmd_cpu_s, "decision": self.decision, "npages": self.npages}
+
+
+def _guest_data(guest, procfs: Path, ps_metric: str) -> GuestData:
+    pid = int(getattr(guest, "pid"))
+    # the guests module may already carry these (newer Guest objects); else read ksm_stat
+    merging = getattr(guest, "ksm_merging_pages", None)
+    profit = getattr(guest, "ksm_profit_bytes", None)
+    if profit is None:
+        profit = getattr(guest, "ksm_process_profit", None)
+    if merging is None and profit is None:
+        stat = read_ksm_stat(procfs, pid)
+        merging, profit = stat.get("ksm_merging_pages"), stat.get("ksm_process_profit")
+    memory = getattr(guest, f"{ps_metric}_kib", None)
+    if memory is None:
+        memory = getattr(guest, "rss_kib", None)
+    name = getattr(guest, "guest_name", None) or getattr(guest, "name", None) or str(pid)
+    return GuestData(pid=pid, name=str(name), matcher=str(getattr(guest, "matcher", "")),
+                     memory_kib=memory, ksm_merging_pages=merging, ksm_profit_bytes=profit)
+
+
+def _settings_dict(settings) -> dict[str, Any]:
+    try:
+        return settings.model_dump(by_alias=True, mode="json")
+    except AttributeError:
+        return {}
+
+
+# --- the observer --------------------------------------------------------------------------
+
+class Reporter:
+    """The daemon observer: collects a TickData per tick, writes the state file, feeds metrics."""
+
+    def __init__(self, settings, state_path: Path | None = DEFAULT_STATE_PATH, sysfs: Path = DEFAULT_SYSFS,
+                 procfs: Path = Path("/proc"), config_path: str | None = None,
+                 clock: Callable[[], float] | None = None):
+        import time
+
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.sysfs = KsmSysfs(Path(sysfs))
+        self.procfs = Path(procfs)
+        self.config_path = str(config_path) if config_path is not None else None
+        self.started_s = (clock or time.time)()
+        self.ksmd = Ksmd(self.procfs)
+        self.decisions = dict.fromkeys(DECISION_KINDS, 0)
+        self.adjusts = 0
+        self.adjust_seconds_sum = 0.0
+        self.last_success_s: float | None = None
+        self.last: TickData | None = None
+        # history entries kept pre-serialized: a tick serializes only its own entry
+        self.history: deque[str] = deque(maxlen=HISTORY_LEN)
+        self._settings_obj = None
+        self._settings_json = "{}"
+        self._failing: dict[str, str] = {}
+        self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
+        if self.state_path is not None:
+            for entry in read_history(self.state_path):
+                self.history.append(json.dumps(entry, separators=(",", ":")))
+            try:
+                self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as e:
+                self._fail("state", f"cannot create {self.state_path.parent}: {e.strerror}")
+            remove_stale_temps(self.state_path, self.procfs)
+        self._configure_metrics(settings)
+
+    # -- collection --
+    def collect(self, report) -> TickData:
+        """The tick's TickData: the report plus KSM counters, ksmd CPU and guests' KSM savings."""
+        settings = report.settings
+        decision = report.decision
+        kind = "error" if report.error is not None or decision is None else decision.branch.value
+        self.decisions[kind] += 1
+        self.adjusts += 1
+        self.adjust_seconds_sum += report.duration_s
+        if kind != "error":
+            self.last_success_s = report.time_s
+        try:
+            ksm = self.sysfs.counters()
+        except Exception as e:  # a vanished directory must not stop the report
+            log.debug("cannot read KSM counters: %s", e)
+            ksm = {}
+        limits = report.limits
+        guests = tuple(_guest_data(g, self.procfs, settings.ps_metric) for g in (report.guests or ()))
+        ksmd_cpu_s = self.ksmd.cpu_seconds()
+        return TickData(
+            time_s=report.time_s, duration_s=report.duration_s, reason=report.reason, error=report.error,
+            decision=kind, explain=decision.explain() if decision is not None else f"adjust failed: {report.error}",
+            run=decision.run if decision is not None else None,
+            npages=decision.npages if decision is not None else None,
+            sleep_ms=decision.sleep_ms if decision is not None else (limits.sleep_ms if limits else None),
+            total_kib=limits.total_kib if limits else None, free_kib=report.free_kib,
+            committed_kib=report.committed_kib, thres_kib=limits.thres_kib if limits else None,
+            free_metric=settings.free_metric, ps_metric=settings.ps_metric,
+            interval_s=float(settings.monitor_interval_s), guest_match=tuple(settings.guest_match),
+            ksm=ksm, ksmd_pid=self.ksmd.pid, ksmd_cpu_s=ksmd_cpu_s, guests=guests,
+            decisions=dict(self.decisions), adjusts=self.adjusts, adjust_seconds_sum=self.adjust_seconds_sum,
+            last_success_s=self.last_success_s,
+            writes=tuple({"name": w.name, "old": w.old, "new": w.new} for w in (report.writes or ())),
+        )
+
+    def __call__(self, report) -> None:
+        data = self.collect(report)
+        self.last = data
+        self.history.append(json.dumps(data.history_entry(), separators=(",", ":")))
+        if self.state_path is not None:
+            self._write_state(report.settings, data)
+        self._configure_metrics(report.settings)
+        if self.metrics is not None:
+            self.metrics.update(data)
+
+    # -- the state file --
+    def state_document(self, settings, data: TickData) -> str:
+        """The state file's JSON text (README "State file" documents every key)."""
+        if settings is not self._settings_obj:  # settings change only on reload
+            self._settings_obj = settings
+            self._settings_json = json.dumps(_settings_dict(settings))
+        head = {
+            "schema": STATE_SCHEMA,
+            "daemon": {"pid": os.getpid(), "version": __version__, "started": round(self.started_s, 3),
+                       "config_file": self.config_path, "sysfs": str(self.sysfs.root), "procfs": str(self.procfs)},
+            "time": round(data.time_s, 3),
+            "reason": data.reason,
+            "duration_s": round(data.duration_s, 6),
+            "error": data.error,
+            "inputs": {"total_kib": data.total_kib, "free_kib": data.free_kib, "committed_kib": data.committed_kib,
+                       "thres_kib": data.thres_kib, "free_metric": data.free_metric, "ps_metric": data.ps_metric,
+                       "guests": len(data.guests)},
+            "decision": None if data.decision == "error" else {
+                "branch": data.decision, "run": data.run, "npages": data.npages, "sleep_ms": data.sleep_ms,
+                "explain": data.explain, "writes": list(data.writes)},
+            "npages": data.npages,
+            "last_success": data.last_success_s,
+            "counts": {"adjusts": data.adjusts, "decisions": data.decisions},
+            "ksm": data.ksm,
+            "page_size": data.page_size,
+            "ksmd": {"pid": data.ksmd_pid, "cpu_seconds": data.ksmd_cpu_s},
+            "guests": [g.__dict__ for g in data.guests],
+        }
+        text = json.dumps(head, indent=None)
+        return (text[:-1] + ', "settings": ' + self._settings_json
+                + ', "history": [' + ",".join(self.history) + "]}\n")
+
+    def _write_state(self, settings, data: TickData) -> None:
+        assert self.state_path is not None
+        payload = self.state_document(settings, data).encode()
+        try:
+            try:
+                atomic_write(self.state_path, payload)
+            except FileNotFoundError:  # the directory went away (tmpfs cleaned): recreate it once
+                self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+                atomic_write(self.state_path, payload)
+        except OSError as e:
+            self._fail("state", f"cannot write the state file {self.state_path}: {e.strerror or e}")
+            return
+        self._ok("state", f"state file {self.state_path} written again")
+
+    # -- metrics --
+    def _configure_metrics(self, settings) -> None:
+        listen, textfile = settings.metrics_listen, settings.metrics_textfile
+        if self.metrics is None:
+            if listen is None and textfile is None:
+                return
+            try:
+                from .metrics import Metrics
+            except ImportError as e:
+                self._fail("metrics", f"KSM_METRICS_LISTEN/KSM_METRICS_TEXTFILE need prometheus_client "
+                                      f"(pip install 'ksmtuned[metrics]'): {e}")
+                return
+            self.metrics = Metrics(version=__version__, on_error=self._fail, on_ok=self._ok)
+        self.metrics.configure(listen=listen, textfile=textfile)
+
+    # -- errors, logged once until they go away --
+    def _fail(self, key: str, message: str) -> None:
+        if self._failing.get(key) != message:
+            log.warning("%s", message)
+            self._failing[key] = message
+
+    def _ok(self, key: str, message: str) -> None:
+        if self._failing.pop(key, None) is not None:
+            log.info("%s", message)
+
+
+def make_observers(settings, state_path: Path | str | None = DEFAULT_STATE_PATH, sysfs: Path | str = DEFAULT_SYSFS,
+                   procfs: Path | str = Path("/proc"), config_path: str | None = None) -> list[Callable]:
+    """The daemon's per-tick observers: the state file and, when configured, the metrics.
+
+    ``state_path=None`` writes no state file.
+    """
+    return [Reporter(settings, state_path=Path(state_path) if state_path is not None else None,
+                     sysfs=Path(sysfs), procfs=Path(procfs), config_path=config_path)]
