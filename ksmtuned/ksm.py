@@ -43,6 +43,12 @@ def _wrap(e: OSError, path: Path, action: str) -> KernelInterfaceError:
         return KsmPermissionError(
             f"{path}: permission denied while trying to {action}: must run as root", str(path), e.errno
         )
+    if e.errno == errno.EROFS:
+        # a container's read-only /sys: a restart cannot fix it, so 77 (no restart by the unit)
+        return KsmPermissionError(
+            f"{path}: read-only file system while trying to {action} (is /sys mounted read-only, "
+            "as in a container?)", str(path), e.errno
+        )
     if e.errno == errno.ENOENT and not path.parent.exists():
         return KsmUnavailableError(
             f"{path.parent}: no such directory: this kernel has no KSM (CONFIG_KSM)", str(path), e.errno
