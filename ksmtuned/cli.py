@@ -7,7 +7,6 @@ calls it costs little.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -15,7 +14,12 @@ from pathlib import Path
 
 from .errors import ExitCode, KsmtunedError, UsageError
 
-log = logging.getLogger("ksmtuned")
+
+
+def _log():
+    import logging  # not at module level: `retune` (run by hooks) stays light
+
+    return logging.getLogger("ksmtuned")
 
 DEFAULT_CONFIG = "/etc/ksmtuned.conf"
 DEFAULT_SYSFS = "/sys/kernel/mm/ksm"
@@ -184,7 +188,7 @@ def cmd_run(args) -> int:
 
     loaded = load(args)
     for w in loaded.warnings:
-        log.warning("%s", w)
+        _log().warning("%s", w)
     sysfs = KsmSysfs(Path(_opt(args, "sysfs", DEFAULT_SYSFS)))
     procfs = Path(_opt(args, "procfs", DEFAULT_PROCFS))
     sysfs.preflight(need_write=not args.dry_run)
@@ -307,11 +311,13 @@ def _daemonize(args, loaded, sysfs, procfs) -> int:
     try:
         code = _serve(args, loaded, sysfs, procfs, ready_fd=write_fd)
     except KsmtunedError as e:
-        log.error("%s", e)
+        _log().error("%s", e)
         code = e.exit_code
     except BaseException:
-        logging.getLogger("ksmtuned").exception("daemon crashed")
+        _log().exception("daemon crashed")
     finally:
+        import logging
+
         logging.shutdown()
         os._exit(int(code))
 
