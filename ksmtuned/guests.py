@@ -23,8 +23,9 @@ processes.  One ``os.scandir(/proc)`` gives every pid with the inode of its ``/p
 directory; the kernel gives a new inode to the directory of a new process, so only new or
 changed entries are read (``stat`` for the start time, ``cmdline``).  The verdict is cached
 under (pid, start time): a pid reused by a new process never inherits the old verdict.  A
-process that was young when classified is classified again on the next scan, because it may
-not have called exec() yet (libvirt holds QEMU's child before exec while its hooks run).
+young process that still runs its parent's command line may not have called exec() yet
+(libvirt holds QEMU's child before exec while its hooks run): it is read again each scan
+until it is YOUNG_S old.
 Memory is read only for guests: RSS and VSZ each scan (psutil), ``ksm_stat`` each scan,
 ``smaps_rollup`` (PSS, THP; the kernel walks every page table for it) only when the PSS metric
 or the ``guests`` command needs it, else once per guest every ``rollup_interval_s`` for the
@@ -62,7 +63,7 @@ MATCHER_NAMES = ("redhat", "debian", "libvirt", "proxmox")
 #: pid file directories under the run directory (``/run``)
 PIDFILE_DIRS = {"libvirt": "libvirt/qemu", "proxmox": "qemu-server"}
 
-#: A process younger than this when classified is classified again on the next scan.
+#: A forked process that has not exec'd yet is classified again each scan until this old.
 YOUNG_S = 60.0
 #: The THP warning: at least this share of the guest's RSS on transparent huge pages.
 THP_WARN_SHARE = 0.10
@@ -238,7 +239,9 @@ class GuestFinder:
         self.clock = clock
         self._seen: dict[str, int] = {}  # /proc entry name -> inode, as of the last scan
         self._cache: dict[int, _Proc] = {}
-        self._young: set[int] = set()
+        self._young: set[int] = set()  # forked, maybe not exec'd yet: classified again each scan
+        self._claimed: set[int] = set()  # pids claimed by comm or command line
+        self._cursor: tuple[bytes, bytes] | None = None
         self._pidfiles: dict[str, tuple[tuple[int, int], int | None]] = {}  # path -> ((ino, mtime), pid)
         self._btime_s: float | None = None
         self._self_pid = os.getpid() if self.procfs == Path("/proc") else None
@@ -256,74 +259,93 @@ class GuestFinder:
     # --- the scan ------------------------------------------------------------------------
     def scan(self, details: bool = False) -> list[Guest]:
         """The guests now, sorted by pid.  ``details``: read PSS and THP for every guest."""
-        try:
-            with os.scandir(self._proc) as it:
-                current = {e.name: e.inode() for e in it}
-        except OSError as e:
-            from .errors import KernelInterfaceError
-
-            raise KernelInterfaceError(f"{self._proc}: cannot list: {e.strerror}", self._proc, e.errno) from None
-        changed = current.items() - self._seen.items()
-        changed_names = {name for name, _ in changed}
-        now_ticks: float | None = None
-        for name, ino in changed:
-            if not name.isdigit():
-                continue
-            pid = int(name)
-            if now_ticks is None:
-                now_ticks = self._uptime_s() * CLK_TCK
-            self._classify(pid, ino, now_ticks)
-        if self._young:
-            if now_ticks is None:
-                now_ticks = self._uptime_s() * CLK_TCK
-            for pid in list(self._young):
-                entry = self._cache.get(pid)
-                if entry is None or str(pid) not in current:
-                    self._young.discard(pid)
-                    continue
-                if str(pid) in changed_names:
-                    continue  # just classified
-                self._classify(pid, current[str(pid)], now_ticks, recheck=True)
-        self._seen = current
-        if len(self._cache) > 2 * len(current) + 64:
-            self._cache = {pid: e for pid, e in self._cache.items() if str(pid) in current}
-
-        by_pidfile = self._pidfile_claims(current)
+        self._refresh()
+        by_pidfile = self._pidfile_claims()
         now = self.clock()
         guests = []
-        for entry in self._candidates(by_pidfile, current):
+        for pid in sorted(self._claimed | by_pidfile.keys()):
+            entry = self._cache.get(pid)
+            if entry is None or pid == self._self_pid:
+                continue
             claims = set(entry.claims)
             pidfile = None
-            for matcher_name, path in by_pidfile.get(entry.pid, ()):
+            for matcher_name, path in by_pidfile.get(pid, ()):
                 claims.add(matcher_name)
                 pidfile = pidfile or path
             ordered = tuple(m for m in self.matcher_names if m in claims)
-            if not ordered or entry.pid == self._self_pid:
-                continue
-            guest = self._measure(entry, ordered, pidfile, details, now)
-            if guest is not None:
-                guests.append(guest)
-        return sorted(guests, key=lambda g: g.pid)
+            if ordered:
+                guest = self._measure(entry, ordered, pidfile, details, now)
+                if guest is not None:
+                    guests.append(guest)
+        return guests
 
-    def _candidates(self, by_pidfile: dict[int, list[tuple[str, str]]], current: dict[str, int]) -> list[_Proc]:
-        out = [e for e in self._cache.values() if e.claims and str(e.pid) in current]
-        for pid in by_pidfile:
+    def _refresh(self) -> None:
+        """Bring the cache up to date with the process table: classify new processes only."""
+        # /proc/loadavg ends with the last pid the kernel allocated and the number of threads:
+        # when neither moved, no process was created, so no pid was reused either, and the
+        # listing of /proc (the main cost of a scan) can be skipped.  Exits are seen when a
+        # guest's memory can no longer be read.
+        key = self._pid_cursor()
+        now_ticks: float | None = None
+        changed_names: set[str] = set()
+        if key is None or key != self._cursor or not self._seen:
+            try:
+                with os.scandir(self._proc) as it:
+                    current = {e.name: e.inode() for e in it}
+            except OSError as e:
+                from .errors import KernelInterfaceError
+
+                raise KernelInterfaceError(f"{self._proc}: cannot list: {e.strerror}", self._proc,
+                                           e.errno) from None
+            changed = current.items() - self._seen.items()
+            for name, ino in changed:
+                if not name.isdigit():
+                    continue
+                changed_names.add(name)
+                if now_ticks is None:
+                    now_ticks = self._uptime_s() * CLK_TCK
+                self._classify(int(name), ino, now_ticks)
+            for pid in [pid for pid in self._claimed if str(pid) not in current]:
+                self._forget(pid)
+            self._seen = current
+            self._cursor = key
+            if len(self._cache) > 2 * len(current) + 64:
+                for pid in [pid for pid in self._cache if str(pid) not in current]:
+                    self._forget(pid)
+        for pid in list(self._young):
+            if str(pid) in changed_names:
+                continue  # just classified
             entry = self._cache.get(pid)
-            if entry is not None and not entry.claims:
-                out.append(entry)
-        return out
+            if entry is None:
+                self._young.discard(pid)
+                continue
+            if now_ticks is None:
+                now_ticks = self._uptime_s() * CLK_TCK
+            self._classify(pid, entry.ino, now_ticks, recheck=True)
+
+    def _pid_cursor(self) -> tuple[bytes, bytes] | None:
+        try:
+            with open(f"{self._proc}/loadavg", "rb") as f:
+                fields = f.read().split()
+            return fields[3].partition(b"/")[2], fields[4]
+        except (OSError, IndexError):
+            return None  # no such file (a fake procfs): list /proc every scan
+
+    def _forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+        self._claimed.discard(pid)
+        self._young.discard(pid)
 
     def _classify(self, pid: int, ino: int, now_ticks: float, recheck: bool = False) -> None:
         try:
-            start_ticks, comm = self._read_stat(pid)
+            start_ticks, ppid, comm = self._read_stat(pid)
             old = self._cache.get(pid)
             if old is not None and old.start_ticks == start_ticks and not recheck:
                 old.ino = ino  # the same process; its /proc dentry was only rebuilt
                 return
             argv = self._read_argv(pid)
         except (FileNotFoundError, ProcessLookupError):
-            self._cache.pop(pid, None)
-            self._young.discard(pid)
+            self._forget(pid)
             return
         except OSError:
             return  # unreadable now (permissions, a race); tried again when its entry changes
@@ -332,7 +354,10 @@ class GuestFinder:
         else:
             joined = " ".join(argv)
             claims = tuple(m.name for m in self.matchers if m.claims(comm, argv, joined))
-        young = (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
+        # Forked but maybe not exec'd yet (it still runs its parent's program): look again
+        # next scan while it is young.  A process that exec'd another program is final.
+        young = (not claims and bool(argv) and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
+                 and argv == self._argv_of(ppid))
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
         else:
@@ -341,15 +366,29 @@ class GuestFinder:
             self._young.add(pid)
         else:
             self._young.discard(pid)
+        if claims:
+            self._claimed.add(pid)
+        else:
+            self._claimed.discard(pid)
 
-    def _read_stat(self, pid: int) -> tuple[int, str]:
+    def _argv_of(self, pid: int) -> tuple[str, ...] | None:
+        entry = self._cache.get(pid)
+        if entry is not None:
+            return entry.argv
+        try:
+            return self._read_argv(pid)
+        except OSError:
+            return None
+
+    def _read_stat(self, pid: int) -> tuple[int, int, str]:
+        """(start time in clock ticks since boot, parent pid, comm)."""
         with open(f"{self._proc}/{pid}/stat", "rb") as f:
             data = f.read()
         # comm may hold spaces and parentheses: it ends at the last ')'
         head, _, tail = data.rpartition(b")")
         comm = head.partition(b"(")[2].decode(errors="replace")
-        # fields after comm start at field 3 (state); starttime is field 22
-        return int(tail.split()[19]), comm
+        fields = tail.split()  # from field 3 (state): ppid is field 4, starttime field 22
+        return int(fields[19]), int(fields[1]), comm
 
     def _read_argv(self, pid: int) -> tuple[str, ...]:
         with open(f"{self._proc}/{pid}/cmdline", "rb") as f:
@@ -380,7 +419,7 @@ class GuestFinder:
         return self._btime_s
 
     # --- pid files -------------------------------------------------------------------------
-    def _pidfile_claims(self, current: dict[str, int]) -> dict[int, list[tuple[str, str]]]:
+    def _pidfile_claims(self) -> dict[int, list[tuple[str, str]]]:
         """pid -> [(matcher, pid file)] for live QEMU/KVM processes that a pid file names.
 
         A stale pid file whose pid now belongs to another process is ignored: that process
@@ -408,9 +447,7 @@ class GuestFinder:
                 else:
                     pid = _read_pid(e.path)
                     self._pidfiles[e.path] = (key, pid)
-                if pid is None or str(pid) not in current:
-                    continue
-                entry = self._cache.get(pid)
+                entry = self._cache.get(pid) if pid is not None else None
                 if entry is None or not entry.argv:
                     continue
                 exe = os.path.basename(entry.argv[0])
@@ -432,8 +469,11 @@ class GuestFinder:
             if entry.ps is None:
                 entry.ps = psutil.Process(entry.pid)
             mem = entry.ps.memory_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            return None  # exited mid-scan: skipped, not an error
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError, FileNotFoundError):
+            self._forget(entry.pid)  # exited: skipped, not an error
+            return None
+        except (psutil.AccessDenied, OSError):
+            return None
         rss_kib, vsz_kib = mem.rss // 1024, mem.vms // 1024
         pss_kib = thp_kib = None
         if details or self.metric == "pss" or now >= entry.next_rollup:

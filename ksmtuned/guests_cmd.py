@@ -1,29 +1,77 @@
-"""`ksmtuned guests`: what is counted as a guest, and how much memory it holds."""
+"""`ksmtuned guests [--json]`: what is counted as a guest, how much memory it holds, what KSM saves.
+
+Reads the same settings as the daemon (KSM_GUEST_MATCH, KSM_PS_METRIC), so what it lists is
+what the daemon counts.  It reads ``smaps_rollup`` for every guest (PSS and THP), which the
+daemon avoids each tick.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
 from pathlib import Path
 
-from .errors import ExitCode
 from .commands import paths as _paths
+from .errors import ExitCode
+
+
+def _mib(kib: int | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:.1f}"
+
+
+def guest_dict(g) -> dict:
+    d = dataclasses.asdict(g)
+    d["cmdline"] = list(g.cmdline)
+    d["matchers"] = list(g.matchers)
+    d["ksm_saved_kib"] = g.ksm_saved_kib
+    d["thp_warning"] = g.thp_warning
+    return d
+
+
+def render_table(guests, metric: str, matchers) -> str:
+    rows = [("PID", "NAME", "MATCHER", "RSS MiB", "PSS MiB", "VSZ MiB", "THP MiB", "KSM saved MiB", "KSM profit MiB")]
+    for g in guests:
+        rows.append((
+            str(g.pid), g.name if g.name_known else f"({g.name})", ",".join(g.matchers), _mib(g.rss_kib),
+            _mib(g.pss_kib), _mib(g.vsz_kib), _mib(g.thp_kib) + (" !" if g.thp_warning else ""),
+            _mib(g.ksm_saved_kib),
+            "-" if g.ksm_profit_bytes is None else f"{g.ksm_profit_bytes / 1048576:.1f}",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    left = {1, 2}
+    lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    from .guests import committed_kib
+
+    lines.append(
+        f"{len(guests)} guest(s) by {','.join(matchers)}; committed ({metric}): {committed_kib(guests, metric)} kB"
+    )
+    warned = [g for g in guests if g.thp_warning]
+    for g in warned:
+        lines.append(f"! {g.name} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
+                     "does not merge")
+    if guests and all(g.ksm_merging_pages is None for g in guests):
+        lines.append("(no per-process KSM counters: /proc/PID/ksm_stat needs Linux 6.1 or later)")
+    return "\n".join(lines)
 
 
 def cmd_guests(args) -> int:
     from .cli import load
-    from .guests import GuestFinder
+    from .guests import GuestFinder, committed_kib
 
     loaded = load(args)
     _, procfs = _paths(args)
-    finder = GuestFinder.from_settings(loaded.settings, procfs=procfs) if hasattr(
-        GuestFinder, "from_settings") else GuestFinder(procfs=procfs)
-    guests = finder.scan()
+    run_dir = Path(getattr(args, "run_dir", None) or "/run")
+    finder = GuestFinder.from_settings(loaded.settings, procfs=procfs, run_dir=run_dir)
+    guests = finder.scan(details=True)
+    metric = loaded.settings.ps_metric
     if getattr(args, "json", False):
-        print(json.dumps([g.__dict__ for g in guests], indent=2, default=str))
+        print(json.dumps({
+            "matchers": list(finder.matcher_names),
+            "metric": metric,
+            "committed_kib": committed_kib(guests, metric),
+            "guests": [guest_dict(g) for g in guests],
+        }, indent=2))
         return ExitCode.OK
-    print(f"{'PID':>8}  {'MATCHER':<8}  {'RSS kB':>10}  NAME")
-    for g in guests:
-        print(f"{g.pid:>8}  {g.matcher:<8}  {g.rss_kib:>10}  {g.name}")
-    print(f"{len(guests)} guest(s), {sum(g.rss_kib for g in guests)} kB resident")
+    print(render_table(guests, metric, finder.matcher_names))
     return ExitCode.OK
