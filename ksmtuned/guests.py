@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Red Hat's ksmtuned: the process name (comm, at most 15 characters).
 REDHAT_COMM = re.compile(r"^qemu(-(kvm|system-.+)|:.{1,11})$")
-#: Debian's ksmtuned: the full command line, as pgrep -f sees it.
-DEBIAN_CMDLINE = re.compile(r"^qemu-system.*-enable-kvm")
+#: Debian's ksmtuned: the full command line, as pgrep -f sees it (POSIX '.' matches a newline too).
+DEBIAN_CMDLINE = re.compile(r"^qemu-system.*-enable-kvm", re.DOTALL)
 #: libvirt: an absolute path to a QEMU binary ...
 LIBVIRT_EXE = re.compile(r"^/\S*/qemu(-system-[^/\s]+|-kvm)?$")
 #: ... with KVM acceleration (``-accel kvm``, ``-machine ...,accel=kvm``) ...
@@ -160,7 +160,7 @@ _NAMED = {"redhat": _redhat, "debian": _debian, "libvirt": _libvirt, "proxmox": 
 def make_matcher(spec: str) -> Matcher:
     """A matcher from one KSM_GUEST_MATCH item (already validated by the config)."""
     if spec.startswith("regex:"):
-        pattern = re.compile(spec[len("regex:"):])
+        pattern = re.compile(spec[len("regex:"):], re.DOTALL)  # as pgrep -f
         return Matcher(spec, lambda comm, argv, joined: pattern.search(joined) is not None)
     try:
         return Matcher(spec, _NAMED[spec], PIDFILE_DIRS.get(spec))
