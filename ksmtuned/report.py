@@ -292,11 +292,12 @@ class Reporter:
         data = self.collect(report)
         self.last = data
         self.history.append(json.dumps(data.history_entry(), separators=(",", ":")))
-        if self.state_path is not None:
-            self._write_state(report.settings, data)
+        # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
             self.metrics.update(data)
+        if self.state_path is not None:
+            self._write_state(report.settings, data)
 
     # -- the state file --
     def state_document(self, settings, data: TickData) -> str:
