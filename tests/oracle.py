@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import errno
 import json
 import os
 import platform
@@ -96,8 +95,9 @@ def skip_reason(oracle_needed: bool = True) -> str | None:
         return "needs root (pid and mount namespaces, bind mounts over /proc and /sys)"
     if shutil.which("unshare") is None:
         return "needs unshare(1) from util-linux"
-    if shutil.which("bash") is None:
-        return "needs bash to run the old ksmtuned"
+    missing = [tool for tool in ("bash", "pgrep", "ps", "awk", "date") if shutil.which(tool) is None]
+    if missing:
+        return f"the old ksmtuned needs {', '.join(missing)} (bash, procps, awk, coreutils)"
     if not Path("/sys/kernel/mm").is_dir():
         return "needs /sys/kernel/mm to mount a fake KSM directory on"
     if oracle_needed and find_oracle() is None:
@@ -200,6 +200,7 @@ class SideResult:
 class Tick:
     index: int
     meminfo: Meminfo
+    committed_kib: int | None  # as last measured by the harness before the tick
     sides: dict[str, SideResult]
 
 
@@ -259,6 +260,7 @@ class Harness:
         self._buf = b""
         self.ticks: list[Tick] = []
         self.guests: dict[str, dict[str, Any]] = {}
+        self.last_committed_kib: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -369,7 +371,8 @@ class Harness:
 
     def committed_kib(self) -> int:
         """Sum of the guests' RSS as measured by the supervisor (checked stable)."""
-        return int(self.request("committed")["committed_kib"])
+        self.last_committed_kib = int(self.request("committed")["committed_kib"])
+        return self.last_committed_kib
 
     def set_meminfo(self, meminfo: Meminfo) -> None:
         rewrite_in_place(self.meminfo_path, meminfo.render())
@@ -447,7 +450,7 @@ class Harness:
         )
         return self._record(answer, startup=False)
 
-    def quiet(self, seconds: float = 0.3) -> dict[str, list[str]]:
+    def quiet(self, seconds: float = 0.2) -> dict[str, list[str]]:
         """Lines any daemon logged without being asked to, over the next ``seconds``."""
         return self.request("quiet", names=list(self.sides), seconds=seconds)["lines"]
 
@@ -466,7 +469,7 @@ class Harness:
                 sysfs=sysfs,
                 latency_s=None if (startup and side.kind == "new") else got["latency_s"],
             )
-        tick = Tick(len(self.ticks), self.meminfo, results)
+        tick = Tick(len(self.ticks), self.meminfo, self.last_committed_kib, results)
         self.ticks.append(tick)
         return tick
 
@@ -477,7 +480,7 @@ class Harness:
             m = t.meminfo
             out.append(
                 f"tick {t.index}: MemTotal={m.total_kib} free={m.classic_free_kib} "
-                f"guests={ {n: g['rss_kib'] for n, g in self.guests.items()} }"
+                f"committed={t.committed_kib} (measured before the tick)"
             )
             for name, r in t.sides.items():
                 out.append(f"  {name:>4} knobs={r.knobs} latency={r.latency_s}")
@@ -557,9 +560,8 @@ def _blocked_in(pid: int, wchan_prefix: str, numbers: dict[str, int]) -> bool:
 
 
 def _rss_kib(pid: int) -> int:
-    """RSS in kB the way ps's rsz and psutil see it (resident pages x page size)."""
-    resident_pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") // 1024
+    """VmRSS in kB (what ps shows as rsz)."""
+    return int(_proc_status(pid)["VmRSS"].split()[0])
 
 
 class Supervisor:
@@ -584,14 +586,15 @@ class Supervisor:
         """PID 1 duty: collect exited orphans (the old daemon's front process, guests)."""
         while True:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             for popen in self.children:
                 if popen.pid == pid and popen.returncode is None:
-                    popen.returncode = -1  # reaped here; Popen must not wait for it again
+                    # Reaped here: tell Popen, which must not wait for it again.
+                    popen.returncode = os.waitstatus_to_exitcode(status)
 
     # -- ops ---------------------------------------------------------------------------------
 
@@ -633,15 +636,29 @@ class Supervisor:
         return {}
 
     def op_committed(self) -> dict[str, Any]:
-        """Sum of guest RSS, read until two reads 20 ms apart agree."""
+        """Sum of guest RSS as the old daemon reads it (ps -o rsz=), stable over 20 ms.
+
+        ps reads VmRSS from /proc/PID/status; /proc/PID/stat's rss field can differ from it
+        by per-CPU counter batches on recent kernels, so do not substitute another source."""
         last = None
         for _ in range(100):
-            now = sum(_rss_kib(p.pid) for p in self.guests.values())
+            now = self._ps_rsz_sum()
             if now == last:
                 return {"committed_kib": now}
             last = now
             time.sleep(0.02)
         raise RuntimeError("guest RSS does not settle")
+
+    def _ps_rsz_sum(self) -> int:
+        pids = [str(p.pid) for p in self.guests.values()]
+        if not pids:
+            return 0
+        out = subprocess.run(
+            ["ps", "-p", ",".join(pids), "-o", "rsz="], capture_output=True, text=True, check=True
+        ).stdout.split()
+        if len(out) != len(pids):
+            raise RuntimeError(f"ps saw {len(out)} of the guests {pids}")
+        return sum(int(v) for v in out)
 
     def op_spawn(
         self, name: str, kind: str, argv: list[str], cwd: str, env: dict[str, str],
@@ -794,4 +811,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--supervise":
         sys.exit(_supervise(sys.argv[2]))
     print(f"usage: {sys.argv[0]} --supervise META.json (run by tests/oracle.py's Harness)", file=sys.stderr)
-    sys.exit(errno.EINVAL)
+    sys.exit(2)

@@ -381,7 +381,7 @@ def run_scenario(
             where = f"scenario {scenario.id}, tick {tick.index}"
             check_reference(h, tick.sides[ref], ctx, free, step, scenario.tuning, where, first=i == 0)
             compare(h, tick.sides[ref], tick.sides[cand], ref, cand, where)
-        extra = h.quiet(0.3)
+        extra = h.quiet(0.2)
         assert not any(extra.values()), f"{scenario.id}: lines logged without a tick: {extra}"
     return h
 
