@@ -506,8 +506,8 @@ class GuestFinder:
             entry.thp_warned = True
             log.warning(
                 "guest %s (pid %d): %d MiB of its %d MiB resident memory is on transparent huge pages, "
-                "which KSM does not merge; disable THP for guests (e.g. transparent_hugepage=madvise and "
-                "no hugepages in the guest's memory backing) to let KSM work",
+                "which KSM does not merge in practice; to let KSM work, keep guest RAM off THP "
+                "(transparent_hugepage=never, or prctl(PR_SET_THP_DISABLE) for QEMU)",
                 guest.name, guest.pid, thp_kib // 1024, rss_kib // 1024,
             )
         return guest

@@ -161,23 +161,25 @@ def start_guest(form: str, name: str, mem_mib: int, workdir: Path, thp: bool = F
     return QemuGuest(form, name, mem_mib, argv, proc, pidfile, thp, set(CLAIMS[form]))
 
 
-def wait_resident(guests: list[QemuGuest], workdir: Path, timeout_s: float = 20.0) -> None:
-    """Until each guest's RSS covers its preallocated RAM (or fail with its log)."""
+def wait_resident(guests: list[QemuGuest], workdir: Path, timeout_s: float = 30.0) -> None:
+    """Until each guest's RSS covers its preallocated RAM and stays still (or fail with its log)."""
     deadline = time.monotonic() + timeout_s
     for g in guests:
+        last = -1
         while True:
             if g.proc.poll() is not None:
                 log = (workdir / f"{g.name}.log").read_text(errors="replace")
                 raise RuntimeError(f"guest {g.name} exited with {g.proc.returncode}: {log[-2000:]}")
             try:
-                if g.status_kib("VmRSS") >= g.mem_mib * 1024:
-                    if g.pidfile is None or g.pidfile.exists():
-                        break
+                rss = g.status_kib("VmRSS")
             except (OSError, KeyError):
-                pass
+                rss = 0
+            if rss >= g.mem_mib * 1024 and rss == last and (g.pidfile is None or g.pidfile.exists()):
+                break
+            last = rss
             if time.monotonic() > deadline:
                 raise RuntimeError(f"guest {g.name} did not preallocate {g.mem_mib} MiB within {timeout_s} s")
-            time.sleep(0.05)
+            time.sleep(0.2)
 
 
 def kill_guest(g: QemuGuest) -> None:
