@@ -209,6 +209,7 @@ class Side:
     name: str
     kind: str  # "old" or "new"
     dir: Path
+    log_to_stdout: bool = False  # no LOGFILE: the debug lines go to standard output
 
     @property
     def ksm_dir(self) -> Path:
@@ -219,8 +220,13 @@ class Side:
         return self.dir / "ksmtuned.conf"
 
     @property
-    def log(self) -> Path:
+    def logfile(self) -> Path:
         return self.dir / "ksmtuned.log"
+
+    @property
+    def log(self) -> Path:
+        """Where this side's debug lines land."""
+        return self.stdout if self.log_to_stdout else self.logfile
 
     @property
     def pidfile(self) -> Path:
@@ -279,7 +285,8 @@ class Harness:
             side.ksm_dir.mkdir(parents=True)
             for name, value in fixture.items():
                 (side.ksm_dir / name).write_text(value + "\n")
-            side.log.touch()
+            side.logfile.touch()
+            side.stdout.touch()
         meta = {
             "meminfo": str(self.meminfo_path),
             "fake_guest": str(FAKE_GUEST),
@@ -348,7 +355,7 @@ class Harness:
         if err.exists() and err.stat().st_size:
             parts.append(f"supervisor stderr:\n{err.read_text(errors='replace')[-3000:]}")
         for side in self.sides.values():
-            for path in (side.stderr, side.stdout, side.log):
+            for path in (side.stderr, side.stdout, side.logfile):
                 if path.exists() and path.stat().st_size:
                     text = path.read_text(errors="replace")[-3000:]
                     parts.append(f"{side.name} ({side.kind}) {path.name}:\n{text}")
@@ -385,20 +392,24 @@ class Harness:
         config: str | dict[str, str],
         meminfo: Meminfo,
         env: dict[str, str] | None = None,
+        log_to_stdout: bool = False,
     ) -> Tick:
         """Write each side's config, start the daemons and return tick 0.
 
         ``config`` is the config file body (or one per side).  Unless it contains the
-        placeholder ``@LOGFILE@``, the lines ``DEBUG=1``, ``LOGFILE=<side's log>`` and
-        ``KSM_MONITOR_INTERVAL=3600`` are put in front of it (so a later line may override).
+        placeholder ``@LOGFILE@``, the lines ``DEBUG=1``, ``LOGFILE=<side's log>`` (left out
+        with ``log_to_stdout``: the lines then go to the daemon's standard output, a file)
+        and ``KSM_MONITOR_INTERVAL=3600`` are put in front of it (a later line may override).
         """
         self.set_meminfo(meminfo)
         for side in self.sides.values():
+            side.log_to_stdout = log_to_stdout
             body = config[side.name] if isinstance(config, dict) else config
+            logfile = "" if log_to_stdout else f"LOGFILE={side.logfile}\n"
             if "@LOGFILE@" in body:
-                text = body.replace("@LOGFILE@", str(side.log))
+                text = body.replace("@LOGFILE@", str(side.logfile))
             else:
-                text = f"DEBUG=1\nLOGFILE={side.log}\nKSM_MONITOR_INTERVAL=3600\n{body}"
+                text = f"DEBUG=1\n{logfile}KSM_MONITOR_INTERVAL=3600\n{body}"
             side.conf.write_text(text)
             side.conf.chmod(0o644)
             if side.kind == "old":

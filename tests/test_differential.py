@@ -111,6 +111,7 @@ class Scenario:
     tuning: Tuning = Tuning()
     config: str | None = None  # None: tuning.config(); else the literal body
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    log_to_stdout: bool = False  # no LOGFILE: compare what each daemon writes to stdout
 
 
 def total_where_committed_plus_thres_is(target_gap: int) -> Callable[[int, Tuning], int]:
@@ -339,6 +340,30 @@ SCENARIOS = [
         ),
     ),
     Scenario(
+        # Zero is a legal value for each of these: sleep 0 is floored to 10, thres is CONST
+        # alone, npages neither decays nor has a floor.
+        "zero-valued-settings",
+        (16,),
+        SIXTEEN_GIB,
+        (
+            Step(above, "stop"),
+            Step(below, "boost", 250),
+            Step(at, "decay", 250),
+            Step(below, "boost", 500),
+            Step(below, "boost", 500),
+        ),
+        tuning=Tuning(
+            sleep_msec=0, boost=250, decay=0, npages_min=0, npages_max=500, coef=0, const=100000
+        ),
+    ),
+    Scenario(
+        "debug-lines-to-stdout",  # DEBUG=1 without LOGFILE: standard output (here a file)
+        (16,),
+        OVERCOMMITTED,
+        (Step(below, "boost", 300), Step(above, "decay", 250), Step(at, "decay", 200)),
+        log_to_stdout=True,
+    ),
+    Scenario(
         "no-guests",
         (),
         SIXTEEN_GIB,
@@ -375,7 +400,9 @@ def run_scenario(
             meminfo = Meminfo.with_free(step.memtotal(ctx) if step.memtotal else total, free)
             if i == 0:
                 assert step.settle_s == 0 and step.memtotal is None
-                tick = h.start(config, meminfo, env=scenario.env)
+                tick = h.start(
+                    config, meminfo, env=scenario.env, log_to_stdout=scenario.log_to_stdout
+                )
             else:
                 tick = h.tick(meminfo, settle_s=step.settle_s)
             where = f"scenario {scenario.id}, tick {tick.index}"
@@ -393,8 +420,8 @@ def check_reference(h, r, ctx: Ctx, free: int, step: Step, tuning: Tuning, where
     assert f"committed {ctx.committed} free {free}" in r.lines, context
     if first:
         assert r.lines[:3] == [
-            f"total {h.ticks[0].meminfo.total_kib}",
-            f"sleep {max(tuning.sleep_msec * 16 * 1024 * 1024 // h.ticks[0].meminfo.total_kib, 10)}",
+            f"total {ctx.total}",
+            f"sleep {max(tuning.sleep_msec * 16 * 1024 * 1024 // ctx.total, 10)}",
             f"thres {ctx.thres}",
         ], context
     if step.expect == "stop":
@@ -432,8 +459,8 @@ def test_ours_matches_old_daemon(scenario: Scenario, tmp_path: Path, oracle: Pat
 
 
 def test_harness_self_check_two_old_daemons_agree(tmp_path: Path, oracle: Path) -> None:
-    """The harness itself: two copies of the old daemon must agree on a scenario with edges,
-    guests coming and going and a mid-interval retune."""
+    """The harness itself: two copies of the old daemon must agree on a scenario with an exact
+    equality edge and a guest exiting."""
     scenario = next(s for s in SCENARIOS if s.id == "committed-plus-thres-equals-total")
     run_scenario(scenario, tmp_path, oracle, {"a": "old", "b": "old"}, "a", "b")
 
