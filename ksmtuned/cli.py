@@ -139,7 +139,9 @@ def cmd_retune(args) -> int:
     return ExitCode.OK
 
 
-def load(args, check_safety: bool = True):
+def load(args, check_safety: bool = True, reloading: bool = False):
+    """The config in force.  At start a missing or empty file means the defaults (as the old
+    daemon); on reload it is refused, so a file deleted or being rewritten keeps the settings."""
     from .config import check_file_safety, load_config
 
     path = Path(_opt(args, "config", DEFAULT_CONFIG))
@@ -148,7 +150,7 @@ def load(args, check_safety: bool = True):
         overrides["PIDFILE"] = args.pidfile
     if check_safety and os.geteuid() == 0 and not getattr(args, "insecure_config", False):
         check_file_safety(path)
-    loaded = load_config(path, overrides=overrides)
+    loaded = load_config(path, overrides=overrides, missing_ok=not reloading)
     return loaded
 
 
@@ -219,7 +221,7 @@ def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=()):
     from .daemon import Daemon
 
     def reload_config():
-        return load(args)
+        return load(args, reloading=True)
 
     return Daemon(loaded, sysfs, procfs=procfs, dry_run=args.dry_run, debug_override=args.debug,
                   reload_config=reload_config, notifier=notifier, observers=observers)

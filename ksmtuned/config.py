@@ -342,7 +342,11 @@ def load_config(
     overrides: Mapping[str, object] | None = None,
     missing_ok: bool = True,
 ) -> LoadedConfig:
-    """Read and validate the config file.  A missing file means all defaults (as the old daemon)."""
+    """Read and validate the config file.
+
+    With missing_ok, a missing or empty file means all defaults (as the old daemon at start);
+    without it (reload) either is a ConfigError, so the settings in force stay.
+    """
     env = os.environ if env is None else env
     filename = str(path)
     try:
@@ -359,6 +363,8 @@ def load_config(
     except UnicodeDecodeError as e:
         line_no = data[: e.start].count(b"\n") + 1
         raise ConfigError(f"{filename}:{line_no}: not valid UTF-8 text") from None
+    if not missing_ok and not text.strip(" \t\r\n\ufeff"):
+        raise ConfigError(f"{filename}: the file is empty")
     return build_settings(parse_assignments(text, filename), env, filename, overrides)
 
 
