@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("prometheus_client", reason="the metrics extra (prometheus_client) is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ksmtuned.metrics import KSM_METRICS, families  # noqa: E402
+from ksmtuned.metrics import KSM_METRICS, families, rows  # noqa: E402
 from ksmtuned.report import GuestData, TickData  # noqa: E402
 from tests.report_support import REPO, Daemon, FakeGuests, free_port, read_sysfs, running  # noqa: E402
 
@@ -231,6 +231,21 @@ def test_metric_names_are_ksmtuned_prefixed_and_unique():
     assert value(smp, "ksmtuned_guest_memory_bytes", guest='b"\\', pid="2") == 1024  # label escaping
     assert value(smp, "ksmtuned_decisions_total", decision="error") == 4
     assert value(smp, "ksmtuned_ksm_advisor_mode", mode="scan-time") == 1
+
+
+def test_textfile_format_is_generate_latest_byte_for_byte():
+    """The textfile's own fast formatter writes exactly what prometheus_client would."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from ksmtuned.metrics import LastTickCollector, exposition
+
+    collector = LastTickCollector("9")
+    collector.data = _full_tick()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
+    odd = GuestData(3, 'new\nline "q" back\\slash ü', "regex", 1, 2, 3)
+    collector.data = TickData(**{**_full_tick().__dict__, "guests": (odd,), "error": "x", "last_success_s": None})
+    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
 
 
 def exported_names() -> set[str]:
