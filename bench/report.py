@@ -1,0 +1,267 @@
+"""Results -> Markdown table, PNG plots (matplotlib, Agg), README section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _f(x, digits: int = 1, unit: str = "") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}{unit}"
+    return f"{x}{unit}"
+
+
+def _x(r) -> str:
+    return "–" if r is None else f"{r:.1f}×"
+
+
+def markdown(res: dict, plots: dict[str, str]) -> str:
+    out = [f"# ksmtuned benchmark, {res['date']}", ""]
+    h = res["host"]
+    out += [f"Command: `{res['command']}`  ", f"Host: {h['kernel']}, {h['cpus']} CPUs, {h['mem_gib']:.1f} GiB RAM, "
+            f"load average {h['loadavg_start']} at the start, {h['loadavg_end']} at the end (a shared machine: "
+            "compare the side-by-side ratios, not the absolute times).", ""]
+    m = res["measurements"]
+    for name, v in m.items():
+        if "skipped" in v:
+            out.append(f"- **{name}: skipped** — {v['skipped']}")
+        elif "error" in v:
+            out.append(f"- **{name}: BROKEN** — {v['error'].splitlines()[0]}")
+    out.append("")
+    if "tick" in m and "phases" in m["tick"]:
+        out += _tick(m["tick"], plots.get("tick"))
+    if "commands" in m and "commands" in m["commands"]:
+        out += _commands(m["commands"])
+    if "outcome" in m and "tuners" in m["outcome"]:
+        out += _outcome(m["outcome"], plots.get("outcome"))
+    if "soak" in m and "ticks" in m["soak"]:
+        out += _soak(m["soak"])
+    return "\n".join(out) + "\n"
+
+
+def _tick(t: dict, plot: str | None) -> list[str]:
+    out = ["## Cost of one adjust, retune latency, memory", "",
+           f"Per tick: CPU of the daemon's whole process tree (children included), and SIGUSR1 → `run` written. "
+           f"Median of {t['ticks_per_phase']} ticks per daemon, all daemons ticked round-robin side by side. "
+           f"Method: {t['method']}.", ""]
+    out += ["| processes (guests) | daemon | CPU / tick median | CPU / tick p90 | retune p50 | retune p90 | RSS |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    for count, ph in t["phases"].items():
+        for name, d in ph["daemons"].items():
+            out.append(f"| {ph['processes']} ({ph.get('guests_on_host', '?')}) | {name} | {_f(d['cpu_ms_median'], 2)} ms "
+                       f"| {_f(d['cpu_ms_p90'], 2)} ms | {_f(d['latency_ms_p50'], 2)} ms | {_f(d['latency_ms_p90'], 2)} ms "
+                       f"| {_f((d['rss_kib'] or 0) / 1024, 1)} MiB |")
+    out.append("")
+    for count, ph in t["phases"].items():
+        if ph.get("ratios"):
+            out.append(f"- {ph['processes']} processes: " + ", ".join(f"{k} {_x(v)}" for k, v in ph["ratios"].items()))
+    if t.get("metrics_missing"):
+        out.append(f"- metrics on/off: not measured ({t['metrics_missing']})")
+    mem = t.get("memory", {})
+    if mem:
+        out += ["", f"Memory at {mem['processes']} processes: ours {_f((mem.get('ours_rss_kib') or 0) / 1024, 1)} MiB RSS "
+                f"after {mem.get('ours_ticks')} ticks"]
+        if mem.get("old_rss_kib"):
+            helpers = t["phases"][max(t["phases"], key=int)].get("old_helpers_peak_rss_kib") or {}
+            out[-1] += (f"; old: bash loop {_f(mem['old_rss_kib'] / 1024, 1)} MiB + largest helper "
+                        f"({mem.get('old_largest_helper', '?')}, peak {_f((helpers.get(mem.get('old_largest_helper')) or 0) / 1024, 1)} MiB) = "
+                        f"{_f((mem.get('old_loop_plus_largest_helper_kib') or 0) / 1024, 1)} MiB. Helpers' peak RSS: "
+                        + ", ".join(f"{k} {_f((v or 0) / 1024, 1)} MiB" for k, v in helpers.items()) + ".")
+    if plot:
+        out += ["", f"![CPU per tick]({plot})"]
+    out.append("")
+    return out
+
+
+def _commands(c: dict) -> list[str]:
+    out = ["## Command latency", "", f"Wall time, median of {c['runs']} runs (`{c['command']}`), {c['processes']} processes.", "",
+           "| command | median | p90 | min |", "|---|---:|---:|---:|"]
+    for name, v in c["commands"].items():
+        out.append(f"| `{name}` | {_f(v['median_ms'])} ms | {_f(v['p90_ms'])} ms | {_f(v['min_ms'])} ms |")
+    it = c.get("retune_importtime", {})
+    if it:
+        out += ["", f"`retune` imports (python -X importtime): {it['modules']} modules; ksmtuned's own "
+                f"{_f(it['ksmtuned_us'] / 1000, 1)} ms ({', '.join(it['ksmtuned_modules'])}); site "
+                f"{_f(it['site_us'] / 1000, 1)} ms, of which the editable install's finder {_f(it['editable_finder_us'] / 1000, 1)} ms "
+                f"(dev venv only); heavy third-party modules on the path: {', '.join(it['heavy_third_party']) or 'none'}."]
+    out.append("")
+    return out
+
+
+def _outcome(o: dict, plot: str | None) -> list[str]:
+    p = o["params"]
+    out = ["## Tuning outcome on the real kernel", "",
+           f"{p['guests']} paused QEMU guests × {p['guest_mib']} MiB (-accel {p['accel']}, THP off, RAM preallocated), "
+           f"each tuner from the same start (run=2, kernel defaults). Daemons: pressure config (KSM_THRES_COEF=99), "
+           f"KSM_MONITOR_INTERVAL={p['interval_s']}. \"Merged\" = sum of the guests' /proc/PID/ksm_merging_pages over "
+           f"their RAM pages. Steady state: ksmd CPU over {p['steady_window_s']} s after merging levelled off. "
+           f"Sampled every {p['sample_s']} s (ksmd CPU from /proc/PID/schedstat).", "",
+           "| tuner | 50 % merged | 90 % merged | ksmd CPU to 50 % | ksmd CPU to 90 % | steady ksmd CPU | steady pages/sleep | merged at the end | tuner's own CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    from .outcome import LABELS
+
+    for name, r in o["tuners"].items():
+        t90 = _f(r["t90_s"], 1, " s") if r["t90_s"] is not None else f"> {p['timeout_s']} s"
+        out.append(f"| {LABELS[name]} | {_f(r['t50_s'], 1, ' s')} | {t90} | {_f(r['ksmd_cpu_s_to_50'], 2, ' s')} "
+                   f"| {_f(r['ksmd_cpu_s_to_90'], 2, ' s')} | {_f(r['steady_ksmd_cpu_pct'], 1, ' %')} "
+                   f"| {r['steady_pages_to_scan']}/{r['steady_sleep_millisecs']} ms | {100 * r['final_merged_fraction']:.0f} % "
+                   f"| {_f(r['tuner_process_cpu_s'], 2, ' s')} |")
+    for name, why in o.get("tuners_skipped", {}).items():
+        out.append(f"| {LABELS[name]} | skipped: {why} | | | | | | | |")
+    foreign = {n: r["foreign_mergeable_mib"] for n, r in o["tuners"].items() if r.get("foreign_mergeable")}
+    if foreign:
+        out += ["", "Other people's processes with KSM-mergeable memory were alive during: "
+                + ", ".join(f"{LABELS[n]} ({mib} MiB)" for n, mib in foreign.items())
+                + " — ksmd scanned them too, so those rows are slower than on a quiet host."]
+    else:
+        out += ["", "No other process on the host had KSM-mergeable memory during the runs."]
+    out += ["", "Merged can exceed 100 %: QEMU opts a little more than the guest RAM in (ROMs, video memory).", "",
+            "KSM lock held per tuner: " + ", ".join(f"{k} {v} s" for k, v in o.get("lock_held_s", {}).items()) + "."]
+    if plot:
+        out += ["", f"![pages_sharing and ksmd CPU against time]({plot})"]
+    out.append("")
+    return out
+
+
+def _soak(s: dict) -> list[str]:
+    return ["## Soak (issue 6)", "",
+            f"Our daemon at a {s['interval_s']} s interval for {s['seconds']:.0f} s (DEBUG log, state file"
+            f"{', metrics text file' if s['metrics_textfile'] else ''}): {s['ticks']} ticks ({_f(s['ticks_per_s'])}/s), "
+            f"daemon CPU {_f(s['daemon_cpu_pct'])} %. RSS {s['rss_kib_start']} KiB at start, {s['rss_kib_after_warmup']} KiB "
+            f"after {s['warmup_s']:.0f} s, {s['rss_kib_end']} KiB at the end (growth after warm-up "
+            f"{s['rss_growth_kib_after_warmup']} KiB, max {s['rss_kib_max']} KiB); open fds {s['fds_start']} → {s['fds_end']} "
+            f"(max {s['fds_max']}); {s['processes_range'][0]}–{s['processes_range'][1]} processes on the host.", ""]
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def plots(res: dict, out_dir: Path, stem: str) -> tuple[dict[str, str], str | None]:
+    """PNG files (names relative to out_dir), or why there are none."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}, "matplotlib is not installed (pip install matplotlib, or the project's `bench` extra)"
+    made = {}
+    m = res["measurements"]
+    if "outcome" in m and m["outcome"].get("tuners"):
+        name = f"{stem}-outcome.png"
+        _plot_outcome(plt, m["outcome"], out_dir / name)
+        made["outcome"] = name
+    if "tick" in m and m["tick"].get("phases"):
+        name = f"{stem}-tick.png"
+        _plot_tick(plt, m["tick"], out_dir / name)
+        made["tick"] = name
+    return made, None
+
+
+def _plot_outcome(plt, o: dict, path: Path) -> None:
+    from .outcome import LABELS
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    for name, r in o["tuners"].items():
+        s = r["samples"]
+        t = [x["t"] for x in s]
+        ax1.plot(t, [x["pages_sharing"] for x in s], label=LABELS[name], linewidth=1.2)
+        # ksmd CPU % over ~1 s windows
+        pct_t, pct = [], []
+        j = 0
+        for i in range(1, len(s)):
+            while s[i]["t"] - s[j]["t"] > 1.0:
+                j += 1
+            if i > j and s[i]["t"] > s[j]["t"]:
+                pct_t.append(s[i]["t"])
+                pct.append(100 * (s[i]["ksmd_cpu_s"] - s[j]["ksmd_cpu_s"]) / (s[i]["t"] - s[j]["t"]))
+        ax2.plot(pct_t, pct, label=LABELS[name], linewidth=1.0)
+    ax1.set_ylabel("pages_sharing")
+    ax1.legend(fontsize=7)
+    ax1.grid(alpha=0.3)
+    ax2.set_ylabel("ksmd CPU % (1 s window)")
+    ax2.set_xlabel("seconds since the tuner started")
+    ax2.grid(alpha=0.3)
+    p = o["params"]
+    fig.suptitle(f"{p['guests']} × {p['guest_mib']} MiB QEMU guests, real KSM", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_tick(plt, t: dict, path: Path) -> None:
+    phases = list(t["phases"].items())
+    names = list(phases[0][1]["daemons"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    width = 0.8 / max(1, len(phases))
+    for k, (count, ph) in enumerate(phases):
+        vals = [ph["daemons"][n]["cpu_ms_median"] or 0 for n in names]
+        xs = [i + k * width for i in range(len(names))]
+        ax.bar(xs, vals, width, label=f"{ph['processes']} processes")
+    ax.set_xticks([i + width * (len(phases) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, fontsize=7, rotation=15)
+    ax.set_yscale("log")
+    ax.set_ylabel("CPU ms per tick (median)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# --- README section --------------------------------------------------------------------------
+
+
+def readme_section(res: dict, md_name: str, plot_paths: dict[str, str]) -> str:
+    """The README's "Performance" section: the latest numbers, the plot, the date, the command."""
+    lines = ["## Performance", "",
+             f"Measured on {res['date']} on a shared 2-CPU VM ({res['host']['kernel']}) with `{res['command']}`; "
+             f"full tables in [`{md_name}`]({md_name}). The machine is noisy: read the ratios measured side by "
+             "side, not single absolute times.", ""]
+    m = res["measurements"]
+    t = m.get("tick", {})
+    if t.get("phases"):
+        lines += ["| processes on the host | daemon | CPU per adjust (median, children included) | SIGUSR1 → `run` written (p50 / p90) |",
+                  "|---|---|---:|---:|"]
+        for count, ph in t["phases"].items():
+            for name in ("old", "ours", "old+debug", "ours+debug"):
+                d = ph["daemons"].get(name)
+                if d:
+                    lines.append(f"| {ph['processes']} | {name} | {_f(d['cpu_ms_median'], 2)} ms | "
+                                 f"{_f(d['latency_ms_p50'], 1)} / {_f(d['latency_ms_p90'], 1)} ms |")
+        lines.append("")
+        mem = t.get("memory", {})
+        if mem.get("ours_rss_kib"):
+            s = f"Memory: ours {_f(mem['ours_rss_kib'] / 1024, 1)} MiB resident after {mem['ours_ticks']} ticks"
+            if mem.get("old_loop_plus_largest_helper_kib"):
+                s += (f"; the old daemon's bash loop {_f(mem['old_rss_kib'] / 1024, 1)} MiB, "
+                      f"{_f(mem['old_loop_plus_largest_helper_kib'] / 1024, 1)} MiB with its largest helper "
+                      f"({mem['old_largest_helper']}) running")
+            lines += [s + ".", ""]
+    c = m.get("commands", {})
+    if c.get("commands"):
+        lines.append("Commands (wall time, median): " + ", ".join(
+            f"`{k}` {_f(v['median_ms'], 0)} ms" for k, v in c["commands"].items()) + ".")
+        lines.append("")
+    o = m.get("outcome", {})
+    if o.get("tuners"):
+        from .outcome import LABELS
+
+        p = o["params"]
+        lines += [f"Tuning outcome, {p['guests']} QEMU guests × {p['guest_mib']} MiB on the real kernel, pressure config:", "",
+                  "| tuner | 90 % of guest RAM merged after | ksmd CPU spent until then | ksmd CPU in the steady state |",
+                  "|---|---:|---:|---:|"]
+        for name, r in o["tuners"].items():
+            t90 = _f(r["t90_s"], 1, " s") if r["t90_s"] is not None else f"> {p['timeout_s']} s"
+            lines.append(f"| {LABELS[name]} | {t90} | {_f(r['ksmd_cpu_s_to_90'], 2, ' s')} | {_f(r['steady_ksmd_cpu_pct'], 1, ' %')} |")
+        lines.append("")
+    for key in ("outcome", "tick"):
+        if key in plot_paths:
+            lines += [f"![{key}]({plot_paths[key]})", ""]
+    s = m.get("soak", {})
+    if s.get("ticks"):
+        lines += [f"Soak: {s['ticks']} ticks at {s['interval_s']} s in {s['seconds']:.0f} s; RSS growth after warm-up "
+                  f"{s['rss_growth_kib_after_warmup']} KiB, open fds {s['fds_start']} → {s['fds_end']}.", ""]
+    return "\n".join(lines)
