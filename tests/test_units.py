@@ -576,3 +576,64 @@ def test_logrotate_rotates_a_running_daemon_log_without_losing_lines(tmp_path):
     lines = gzip.decompress(second.read_bytes()).decode() + first.read_text() + d.log.read_text()
     assert lines.count(": committed ") == 3         # start + 2 retunes, none lost
     assert lines.count(": total ") == 1
+
+
+# --- the shipped configuration files ----------------------------------------------------------
+
+SHIPPED_CONF = REPO / "etc" / "ksmtuned.conf"
+EXAMPLE = re.compile(r"^# ([A-Z_]+)=(.*)$")
+
+
+def _examples() -> dict[str, tuple[str, str]]:
+    """KEY -> (example value, the comment block above it) for every '# KEY=VALUE' line."""
+    found, block = {}, []
+    for line in SHIPPED_CONF.read_text().splitlines():
+        m = EXAMPLE.match(line)
+        if m:
+            found[m.group(1)] = (m.group(2), "\n".join(block))
+        elif line.startswith("#"):
+            block.append(line)
+        else:
+            block = []
+    return found
+
+
+def test_shipped_config_sets_nothing(tmp_path):
+    """Like the original: every setting commented out, so the file means 'all defaults'."""
+    from ksmtuned.config import KEYS, Settings, load_config
+
+    loaded = load_config(SHIPPED_CONF, env={})
+    assert loaded.warnings == ()
+    assert all(source == "default" for source in loaded.sources.values()), loaded.sources
+    assert loaded.settings == Settings()
+    assert set(KEYS) - {"PIDFILE"} == set(_examples()), "every key (PIDFILE is environment-only) is documented"
+
+
+def test_shipped_config_comments_state_unit_default_and_range(tmp_path):
+    """Each key's comment gives its unit, default and range; each example line is valid, and
+    for the numeric keys it is exactly the default the code uses."""
+    from ksmtuned.config import KEYS, Settings, load_config
+
+    examples = _examples()
+    defaults = Settings()
+    numeric = {k for k in examples if isinstance(getattr(defaults, KEYS[k]), (int, float))
+               and not isinstance(getattr(defaults, KEYS[k]), bool)}
+    assert len(numeric) == 8, numeric  # the classic KSM_* numbers
+    for key, (_, comment) in examples.items():
+        assert "Unit:" in comment and re.search(r"Defaults?:", comment), f"{key}: no unit or default in {comment!r}"
+        if key in numeric:
+            assert "Range:" in comment, f"{key}: no range in {comment!r}"
+    conf = tmp_path / "ksmtuned.conf"
+    conf.write_text("".join(f"{k}={v}\n" for k, (v, _) in examples.items()))
+    loaded = load_config(conf, env={})  # raises ConfigError if any example is invalid
+    assert loaded.warnings == ()
+    for key in numeric:
+        assert getattr(loaded.settings, KEYS[key]) == getattr(defaults, KEYS[key]), f"{key}: example is not the default"
+    for key in ("KSM_GUEST_MATCH", "KSM_PS_METRIC", "KSM_FREE_METRIC"):
+        assert getattr(loaded.settings, KEYS[key]) == getattr(defaults, KEYS[key]), f"{key}: example is not the default"
+
+
+def test_shipped_default_ksm_sets_nothing():
+    lines = [l for l in (REPO / "etc" / "default" / "ksm").read_text().splitlines() if l and not l.startswith("#")]
+    assert lines == []
+    assert "# KSM_MAX_KERNEL_PAGES=" in (REPO / "etc" / "default" / "ksm").read_text()
