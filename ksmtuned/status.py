@@ -152,6 +152,8 @@ def human_bytes(n: float | None) -> str:
 def human_duration(s: float | None) -> str:
     if s is None:
         return "n/a"
+    if s < 10:
+        return f"{s:.1f}s"
     s = int(s)
     days, s = divmod(s, 86400)
     hours, s = divmod(s, 3600)
