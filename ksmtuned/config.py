@@ -375,11 +375,19 @@ def check_file_safety(path: Path, expected_uid: int = 0) -> None:
     """
     path = Path(path)
     try:
+        lst = os.lstat(path)
         st = os.stat(path)
     except FileNotFoundError:
         return
     except OSError as e:
         raise ConfigError(f"{path}: cannot stat: {e.strerror}") from None
+    if stat.S_ISLNK(lst.st_mode) and lst.st_uid != expected_uid:
+        # planted in a sticky directory, it could point at any root-only file, whose lines the
+        # parse errors would then quote
+        raise ConfigError(
+            f"{path}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
+            f"fix with: rm {path}, and put the config file there (or pass --insecure-config)"
+        )
     for target, st_ in ((path, st), (path.parent, os.stat(path.parent))):
         kind = "file" if target == path else "directory"
         if st_.st_uid != expected_uid:
