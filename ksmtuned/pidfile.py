@@ -26,7 +26,8 @@ class PidFile:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
-            if e.errno == errno.ELOOP:
+            # O_CREAT|O_NOFOLLOW on another user's symlink in a sticky directory gets EACCES, not ELOOP
+            if e.errno == errno.ELOOP or os.path.islink(self.path):
                 raise KsmtunedError(f"{self.path}: refusing a pid file that is a symbolic link") from None
             raise KsmtunedError(f"{self.path}: cannot open pid file: {e.strerror}") from None
         st = os.fstat(fd)
