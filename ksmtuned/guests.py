@@ -297,7 +297,8 @@ class GuestFinder:
 
                 raise KernelInterfaceError(f"{self._proc}: cannot list: {e.strerror}", self._proc,
                                            e.errno) from None
-            changed = current.items() - self._seen.items()
+            seen = self._seen.get
+            changed = [(name, ino) for name, ino in current.items() if seen(name) != ino]  # new or reused
             for name, ino in changed:
                 if not name.isdigit():
                     continue
