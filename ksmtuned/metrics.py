@@ -236,6 +236,10 @@ class Metrics:
         self.listen, self._failed_listen = listen, None
         log.info("serving metrics on http://%s/metrics", _hostport(host, port))
 
+    def retry_listen(self) -> None:
+        """Forget a failed address, so the next configure() tries it again (on reload)."""
+        self._failed_listen = None
+
     def stop_server(self) -> None:
         if self._server is not None:
             self._server.shutdown()

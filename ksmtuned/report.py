@@ -285,6 +285,7 @@ class Reporter:
         self._settings_json = "{}"
         self._failing: dict[str, str] = {}
         self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
+        self._metrics_settings = None
         if self.state_path is not None:
             for entry in read_history(self.state_path):
                 self.history.append(json.dumps(entry, separators=(",", ":")))
@@ -396,6 +397,9 @@ class Reporter:
                                       f"(pip install 'ksmtuned[metrics]'): {e}")
                 return
             self.metrics = Metrics(version=__version__, on_error=self._fail, on_ok=self._ok)
+        if settings is not self._metrics_settings:  # started, or reloaded: a failed listen is tried again
+            self._metrics_settings = settings
+            self.metrics.retry_listen()
         self.metrics.configure(listen=listen, textfile=textfile)
 
     # -- errors, logged once until they go away --

@@ -173,17 +173,24 @@ def test_reload_moves_the_endpoint(tmp_path):
         assert d.stop() == 0
 
 
-def test_a_busy_port_does_not_stop_the_daemon(tmp_path):
+def test_a_busy_port_does_not_stop_the_daemon_and_reload_tries_again(tmp_path):
     import socket
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        with running(tmp_path, BOOST + f"KSM_MONITOR_INTERVAL=3600\nKSM_METRICS_LISTEN={port}\n") as d:
-            st = d.wait_adjusts(1)
-            assert st["decision"]["branch"] == "boost"
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    d = Daemon(tmp_path, BOOST + f"KSM_MONITOR_INTERVAL=3600\nKSM_METRICS_LISTEN={port}\n").start()
+    try:
+        assert d.wait_adjusts(1)["decision"]["branch"] == "boost"
         assert f"cannot serve metrics on 127.0.0.1:{port}" in d.stderr.read_text()
+        busy.close()  # the admin frees the port and reloads
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_adjusts(2)
+        assert value(samples(scrape(port)), "ksmtuned_decisions_total", decision="boost") == 2
+    finally:
+        busy.close()
+        assert d.stop() == 0
 
 
 def test_prometheus_client_is_imported_only_when_metrics_are_configured(tmp_path):
