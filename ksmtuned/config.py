@@ -55,8 +55,13 @@ def _parse_value(text: str, filename: str, line_no: int) -> str:
     """Parse the word after '=' as bash would for an assignment; refuse code."""
     out: list[str] = []
     i, n = 0, len(text)
+    tilde_expands = True  # bash expands an unquoted ~ right after the '=' or an unquoted ':'
     while i < n:
         c = text[i]
+        if c == "~" and tilde_expands:
+            raise _error(filename, line_no, "refusing '~': the shell would expand it to a home directory; "
+                                            "write the full path (or quote it)")
+        tilde_expands = c == ":"
         if c in " \t":
             rest = text[i:].strip()
             if rest and not rest.startswith("#"):
@@ -95,8 +100,11 @@ def _parse_value(text: str, filename: str, line_no: int) -> str:
                 i += 1
             continue
         if c == "\\":
-            if i + 1 < n:
-                out.append(text[i + 1])
+            if i + 1 >= n:
+                # bash would join the next line to this value ("A=\\" + "B=1" is A='B=1')
+                raise _error(filename, line_no, "a backslash at the end of a line continues it in the shell; "
+                                                "join the lines")
+            out.append(text[i + 1])
             i += 2
             continue
         if c in _CODE_CHARS:
@@ -118,7 +126,7 @@ def parse_assignments(text: str, filename: str = str(DEFAULT_CONFIG_PATH)) -> li
         line = raw[:-1] if raw.endswith("\r") else raw
         if "\0" in line:
             raise _error(filename, line_no, "NUL byte in line (is this a text file?)")
-        stripped = line.strip(" \t")
+        stripped = line.lstrip(" \t")  # not rstrip: a value may end in an escaped space (KEY=a\<space>)
         if not stripped or stripped.startswith("#"):
             continue
         body = stripped
