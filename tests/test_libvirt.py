@@ -53,6 +53,10 @@ def _pidfile_free() -> bool:
 
 @pytest.fixture
 def daemon(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root to own {DEFAULT_PIDFILE}, where the libvirt hook looks")
+    if not HOOK.exists():
+        pytest.skip(f"{HOOK} is missing")
     if not _pidfile_free():
         pytest.skip(f"another ksmtuned holds {DEFAULT_PIDFILE}, where the libvirt hook looks")
     # counting only this module's guests keeps other tests' guests out of its numbers
