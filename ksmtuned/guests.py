@@ -362,8 +362,13 @@ class GuestFinder:
             claims = tuple(m.name for m in self.matchers if m.claims(comm, argv, joined))
         # Forked but maybe not exec'd yet (it still runs its parent's program): look again
         # next scan while it is young.  A process that exec'd another program is final.
-        young = (not claims and bool(argv) and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
-                 and argv == self._argv_of(ppid))
+        forked = bool(argv) and argv == self._argv_of(ppid)
+        if forked and claims and self._is_claimed(ppid):
+            # A guest's child before exec (QEMU running a network script), not a second guest;
+            # or QEMU's -daemonize child, which is the guest once its parent has exited (the
+            # look again below sees it reparented).
+            claims = ()
+        young = forked and not claims and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
         else:
@@ -376,6 +381,18 @@ class GuestFinder:
             self._claimed.add(pid)
         else:
             self._claimed.discard(pid)
+
+    def _is_claimed(self, pid: int) -> bool:
+        """Does a matcher claim this (parent) process by its name or command line?"""
+        if pid in self._cache:
+            return pid in self._claimed
+        try:
+            _, _, comm = self._read_stat(pid)
+            argv = self._read_argv(pid)
+        except (OSError, ValueError, IndexError):
+            return False
+        joined = " ".join(argv)
+        return bool(argv) and any(m.claims(comm, argv, joined) for m in self.matchers)
 
     def _argv_of(self, pid: int) -> tuple[str, ...] | None:
         entry = self._cache.get(pid)

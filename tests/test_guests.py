@@ -402,3 +402,51 @@ def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     assert "big (pid 20): 200 MiB of its 256 MiB" in warnings[0] and "transparent huge pages" in warnings[0]
     assert gs["big"].thp_warning and not gs["small"].thp_warning
     assert gs["big"].ksm_merging_pages == 5 and gs["big"].ksm_profit_bytes == 100 and gs["big"].ksm_mergeable
+
+
+def test_a_fork_of_a_guest_is_not_a_second_guest(fakes, tmp_path):
+    """QEMU forks to run helper scripts: before exec, the child looks exactly like its guest."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        ram = bytearray(b"\\x5a") * (4 << 20)
+        if os.fork() == 0:
+            signal.pause()
+        print("ready", flush=True)
+        signal.pause()
+    """)
+    p = subprocess.Popen(["qemu-system-x86_64", "-I", "-S", "-c", code, "-enable-kvm"],
+                         executable=fakes.link("qemu-system-x86_64"), stdout=subprocess.PIPE)
+    fakes.procs.append(p)
+    assert p.stdout.readline() == b"ready\n"
+    kids = [int(x) for x in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+    assert len(kids) == 1
+    try:
+        found = {g.pid for g in GuestFinder(matchers=["debian"], run_dir=tmp_path).scan()}
+        assert p.pid in found and kids[0] not in found
+    finally:
+        os.kill(kids[0], signal.SIGKILL)
+
+
+def test_a_daemonized_guest_is_found_once_its_parent_exits(fakes, tmp_path):
+    """QEMU -daemonize (Proxmox): the child with the same command line is the guest."""
+    code = textwrap.dedent("""
+        import os, signal, sys, time
+        if os.fork() == 0:
+            ram = bytearray(b"\\x5a") * (4 << 20)
+            print(os.getpid(), flush=True)
+            signal.pause()
+        sys.stdin.readline()
+    """)
+    p = subprocess.Popen(["qemu-system-x86_64", "-I", "-S", "-c", code, "-enable-kvm"],
+                         executable=fakes.link("qemu-system-x86_64"), stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+    fakes.procs.append(p)
+    child = int(p.stdout.readline())
+    try:
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        assert {p.pid, child} & {g.pid for g in finder.scan()} == {p.pid}
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        p.wait()
+        assert {p.pid, child} & {g.pid for g in finder.scan()} == {child}
+    finally:
+        os.kill(child, signal.SIGKILL)
