@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,14 +266,12 @@ class Reporter:
 
     def __init__(self, settings, state_path: Path | None = DEFAULT_STATE_PATH, sysfs: Path = DEFAULT_SYSFS,
                  procfs: Path = Path("/proc"), config_path: str | None = None,
-                 clock: Callable[[], float] | None = None):
-        import time
-
+                 clock: Callable[[], float] = time.time):
         self.state_path = Path(state_path) if state_path is not None else None
         self.sysfs = KsmCounters(Path(sysfs))
         self.procfs = Path(procfs)
         self.config_path = str(config_path) if config_path is not None else None
-        self.started_s = (clock or time.time)()
+        self.started_s = clock()
         self.ksmd = Ksmd(self.procfs)
         self.decisions = dict.fromkeys(DECISION_KINDS, 0)
         self.adjusts = 0
