@@ -15,7 +15,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     SOFTWARE = 1  # an unexpected failure (a bug), or a `check` that found a failing host check
     USAGE = 2  # bad command line
-    NOT_RUNNING = 3  # `retune`/`status`: no ksmtuned daemon runs
+    NOT_RUNNING = 3  # `retune`: no verified ksmtuned daemon runs (`status` still exits 0 and says so)
     ALREADY_RUNNING = 4  # another ksmtuned holds the pid file lock
     UNAVAILABLE = 69  # EX_UNAVAILABLE: this kernel has no KSM
     NO_PERMISSION = 77  # EX_NOPERM: must run as root
