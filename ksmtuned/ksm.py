@@ -85,7 +85,12 @@ class KsmSysfs:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
         path = self.path(name)
         try:
-            text = path.read_text().strip()
+            # O_NONBLOCK: a FIFO planted in a stand-in directory must not hang the loop
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                text = os.read(fd, 4096).decode(errors="replace").strip()
+            finally:
+                os.close(fd)
         except OSError as e:
             raise _wrap(e, path, "read") from None
         if "[" in text and "]" in text:
@@ -105,7 +110,8 @@ class KsmSysfs:
         try:
             # O_TRUNC as the shell's `>`: harmless on sysfs, and in a regular-file stand-in
             # (--sysfs DIR) "300" over "1250" must not leave "3000".
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+            # O_NONBLOCK: opening a FIFO for writing would otherwise wait for a reader forever.
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise _wrap(e, path, f"write {value}") from None
         try:
