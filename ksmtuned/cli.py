@@ -245,7 +245,7 @@ def _observers(args, loaded, sysfs, procfs):
 def _run_once(args, loaded, sysfs, procfs) -> int:
     daemon = _make_daemon(args, loaded, sysfs, procfs)
     report = daemon.adjust("once")
-    if report.decision is None:
+    if report.decision is None or report.error:
         return ExitCode.SOFTWARE
     print(report.decision.explain())
     return ExitCode.OK

@@ -166,9 +166,13 @@ class Daemon:
             report.free_kib, report.committed_kib = sample.free_kib, sample.committed_kib
             decision = decide(sample, self.npages, self.limits, self.settings.tuning())
             report.decision = decision
-            report.writes = self.apply(decision)
+            # The law's state moves on even if a write fails (as the old daemon's npages does);
+            # the next tick writes again whatever still differs.
             self.npages = decision.npages
-            self.debug_log.write(tick_lines(decision))
+            try:
+                report.writes = self.apply(decision)
+            finally:
+                self.debug_log.write(tick_lines(decision))
             self._log_change(decision, report.writes)
             self.last_decision = decision
             if self._failing_since is not None:
