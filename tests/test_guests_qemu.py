@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.guests import GuestFinder, committed_kib
+from ksmtuned.guests import GuestFinder
 from tests import qemu_support as qs
 from tests.daemon_support import DaemonProc, fake_ksm_dir
 
