@@ -20,6 +20,9 @@ pytestmark = [pytest.mark.slow]
 
 N = 2000
 TARGET_MS = 2.0
+#: Guests of other test runs on this machine would add their memory reads (about 0.05 ms each)
+#: to the measurement, so this finder claims no process: what is measured is finding guests.
+MATCHERS = ("regex:^ksmtuned-cost-test-none$",)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def _mean_scan_ms(finder: GuestFinder, n: int = 50, force_listing: bool = False)
 
 def test_steady_scan_is_cheap(many_processes, record_property):
     """No process created between two ticks: no /proc listing at all."""
-    finder = GuestFinder()
+    finder = GuestFinder(matchers=MATCHERS)
     finder.scan()
     ms = min(_mean_scan_ms(finder) for _ in range(3))
     record_property("steady_scan_ms", ms)
@@ -63,7 +66,7 @@ def test_steady_scan_is_cheap(many_processes, record_property):
 def test_scan_with_new_processes_stays_within_target(many_processes, record_property):
     """The usual case on a real host: some process was created since the last tick, so /proc is
     listed, but only the new processes are read."""
-    finder = GuestFinder()
+    finder = GuestFinder(matchers=MATCHERS)
     finder.scan()
     ms = min(_mean_scan_ms(finder, force_listing=True) for _ in range(3))
     record_property("listing_scan_ms", ms)
