@@ -36,6 +36,10 @@ def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
                    help=f"pid file (default $PIDFILE, else {DEFAULT_PIDFILE})")
     p.add_argument("--sysfs", metavar="DIR", default=d, help=f"KSM directory (default {DEFAULT_SYSFS})")
     p.add_argument("--procfs", metavar="DIR", default=d, help=f"proc filesystem (default {DEFAULT_PROCFS})")
+    p.add_argument("--run-dir", metavar="DIR", default=d,
+                   help="where libvirt's qemu/*.pid and Proxmox's qemu-server/*.pid are (default /run)")
+    p.add_argument("--insecure-config", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="accept a config file that others than root can write")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="one adjust, then exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be written, write nothing (works without root)")
-    p.add_argument("--insecure-config", action="store_true",
-                   help="accept a config file that others than root can write")
     p.add_argument("--force", action="store_true",
                    help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -63,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no message and exit 0 when no daemon runs (for hooks)")
     c = sub.add_parser("check-config", help="print the effective settings and where each came from")
     _common(c, suppress=True)
-    c.add_argument("--insecure-config", action="store_true", default=argparse.SUPPRESS)
     g = sub.add_parser("guests", help="list the processes counted as guests")
     _common(g, suppress=True)
     g.add_argument("--json", action="store_true", help="machine-readable output")
@@ -228,7 +229,8 @@ def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=()):
     def reload_config():
         return load(args, reloading=True)
 
-    return Daemon(loaded, sysfs, procfs=procfs, dry_run=args.dry_run, debug_override=args.debug,
+    return Daemon(loaded, sysfs, procfs=procfs, run_dir=Path(_opt(args, "run_dir", "/run")),
+                  dry_run=args.dry_run, debug_override=args.debug,
                   reload_config=reload_config, notifier=notifier, observers=observers)
 
 

@@ -55,6 +55,7 @@ class Daemon:
         config: LoadedConfig,
         sysfs: KsmSysfs,
         procfs: Path = Path("/proc"),
+        run_dir: Path = Path("/run"),
         debug_log: DebugLog | None = None,
         notifier: Notifier | None = None,
         guest_finder: GuestFinder | None = None,
@@ -69,6 +70,7 @@ class Daemon:
         self.config = config
         self.sysfs = sysfs
         self.procfs = Path(procfs)
+        self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
@@ -92,8 +94,7 @@ class Daemon:
         return DebugLog(settings.logfile, settings.debug or self.debug_override)
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
-        return GuestFinder.from_settings(settings, procfs=self.procfs) if hasattr(
-            GuestFinder, "from_settings") else GuestFinder(procfs=self.procfs)
+        return GuestFinder.from_settings(settings, procfs=self.procfs, run_dir=self.run_dir)
 
     @property
     def settings(self) -> Settings:

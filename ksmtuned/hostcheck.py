@@ -256,12 +256,8 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
     cores, cpus = physical_cores(procfs / "cpuinfo")
     guests: list[GuestSpec] = []
     try:
-        finder = GuestFinder.from_settings(settings, procfs=procfs) if hasattr(
-            GuestFinder, "from_settings") else GuestFinder(procfs=procfs)
-        try:
-            found = finder.scan(details=True)
-        except TypeError:
-            found = finder.scan()
+        finder = GuestFinder.from_settings(settings, procfs=procfs)
+        found = finder.scan(details=True)
         guests = [guest_spec(g, procfs) for g in found]
     except KsmtunedError as e:
         errors["guests"] = str(e)
