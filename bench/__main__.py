@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
     date = datetime.date.today().isoformat()
     res: dict = {"date": date, "command": command, "quick": args.quick, "host": _host(), "measurements": {}}
+    previous = out_dir / f"{date}.json"
+    if args.only and previous.exists():
+        # a partial re-run: keep today's other measurements, say which command made which
+        old = json.loads(previous.read_text())
+        if old.get("quick") == args.quick:
+            res["measurements"] = old.get("measurements", {})
+            res["commands"] = [c for c in old.get("commands", [old.get("command")]) if c] + [command]
+            res["host"]["loadavg_start"] = old.get("host", {}).get("loadavg_start", res["host"]["loadavg_start"])
     broken = False
     started = time.monotonic()
     for name in wanted:
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"   BROKEN: {type(e).__name__}: {e}")
             _log(traceback.format_exc())
         value["elapsed_s"] = round(time.monotonic() - t0, 1)
+        value["command"] = command
+        value["measured_at"] = datetime.datetime.now().isoformat(timespec="seconds")
         res["measurements"][name] = value
     res["host"]["loadavg_end"] = _loadavg()
     res["elapsed_s"] = round(time.monotonic() - started, 1)

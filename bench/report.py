@@ -20,11 +20,15 @@ def _x(r) -> str:
 def markdown(res: dict, plots: dict[str, str]) -> str:
     out = [f"# ksmtuned benchmark, {res['date']}", ""]
     h = res["host"]
-    out += [f"Command: `{res['command']}`  ", f"Host: {h['kernel']}, {h['cpus']} CPUs, {h['mem_gib']:.1f} GiB RAM, "
+    commands = res.get("commands") or [res["command"]]
+    out += [("Command: " if len(commands) == 1 else "Commands (partial re-runs, see each section): ")
+            + ", ".join(f"`{c}`" for c in commands) + "  ", f"Host: {h['kernel']}, {h['cpus']} CPUs, {h['mem_gib']:.1f} GiB RAM, "
             f"load average {h['loadavg_start']} at the start, {h['loadavg_end']} at the end (a shared machine: "
             "compare the side-by-side ratios, not the absolute times).", ""]
     m = res["measurements"]
     for name, v in m.items():
+        if len(commands) > 1 and v.get("command"):
+            out.append(f"- {name}: measured at {v.get('measured_at', '?')} by `{v['command']}`")
         if "skipped" in v:
             out.append(f"- **{name}: skipped** — {v['skipped']}")
         elif "error" in v:
@@ -97,19 +101,20 @@ def _outcome(o: dict, plot: str | None) -> list[str]:
            f"each tuner from the same start (run=2, kernel defaults). Daemons: pressure config (KSM_THRES_COEF=99), "
            f"KSM_MONITOR_INTERVAL={p['interval_s']}. \"Merged\" = sum of the guests' /proc/PID/ksm_merging_pages over "
            f"their RAM pages. Steady state: ksmd CPU over {p['steady_window_s']} s after merging levelled off. "
-           f"Sampled every {p['sample_s']} s (ksmd CPU from /proc/PID/schedstat).", "",
-           "| tuner | 50 % merged | 90 % merged | ksmd CPU to 50 % | ksmd CPU to 90 % | steady ksmd CPU | steady pages/sleep | merged at the end | tuner's own CPU |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"Sampled every {p['sample_s']} s (ksmd CPU from /proc/PID/schedstat). Medians over the runs "
+           f"(the fast tuners are repeated {p.get('repeats', 1)}×, interleaved; each run restarts the guests).", "",
+           "| tuner | runs | 50 % merged | 90 % merged | ksmd CPU to 50 % | ksmd CPU to 90 % | steady ksmd CPU | steady pages/sleep | merged at the end | tuner's own CPU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     from .outcome import LABELS
 
     for name, r in o["tuners"].items():
         t90 = _f(r["t90_s"], 1, " s") if r["t90_s"] is not None else f"> {p['timeout_s']} s"
-        out.append(f"| {LABELS[name]} | {_f(r['t50_s'], 1, ' s')} | {t90} | {_f(r['ksmd_cpu_s_to_50'], 2, ' s')} "
+        out.append(f"| {LABELS[name]} | {r.get('runs', 1)} | {_f(r['t50_s'], 1, ' s')} | {t90} | {_f(r['ksmd_cpu_s_to_50'], 2, ' s')} "
                    f"| {_f(r['ksmd_cpu_s_to_90'], 2, ' s')} | {_f(r['steady_ksmd_cpu_pct'], 1, ' %')} "
                    f"| {r['steady_pages_to_scan']}/{r['steady_sleep_millisecs']} ms | {100 * r['final_merged_fraction']:.0f} % "
                    f"| {_f(r['tuner_process_cpu_s'], 2, ' s')} |")
     for name, why in o.get("tuners_skipped", {}).items():
-        out.append(f"| {LABELS[name]} | skipped: {why} | | | | | | | |")
+        out.append(f"| {LABELS[name]} | 0 | skipped: {why} | | | | | | | |")
     foreign = {n: r["foreign_mergeable_mib"] for n, r in o["tuners"].items() if r.get("foreign_mergeable")}
     if foreign:
         out += ["", "Other people's processes with KSM-mergeable memory were alive during: "
@@ -118,7 +123,8 @@ def _outcome(o: dict, plot: str | None) -> list[str]:
     else:
         out += ["", "No other process on the host had KSM-mergeable memory during the runs."]
     out += ["", "Merged can exceed 100 %: QEMU opts a little more than the guest RAM in (ROMs, video memory).", "",
-            "KSM lock held per tuner: " + ", ".join(f"{k} {v} s" for k, v in o.get("lock_held_s", {}).items()) + "."]
+            "KSM lock held per run: " + "; ".join(f"{k} {', '.join(str(x) for x in (v if isinstance(v, list) else [v]))} s"
+                                                for k, v in o.get("lock_held_s", {}).items()) + "."]
     if plot:
         out += ["", f"![pages_sharing and ksmd CPU against time]({plot})"]
     out.append("")
@@ -131,8 +137,31 @@ def _soak(s: dict) -> list[str]:
             f"{', metrics text file' if s['metrics_textfile'] else ''}): {s['ticks']} ticks ({_f(s['ticks_per_s'])}/s), "
             f"daemon CPU {_f(s['daemon_cpu_pct'])} %. RSS {s['rss_kib_start']} KiB at start, {s['rss_kib_after_warmup']} KiB "
             f"after {s['warmup_s']:.0f} s, {s['rss_kib_end']} KiB at the end (growth after warm-up "
-            f"{s['rss_growth_kib_after_warmup']} KiB, max {s['rss_kib_max']} KiB); open fds {s['fds_start']} → {s['fds_end']} "
-            f"(max {s['fds_max']}); {s['processes_range'][0]}–{s['processes_range'][1]} processes on the host.", ""]
+            f"{s['rss_growth_kib_after_warmup']} KiB, in the second half {_growth_half(s)}, max {s['rss_kib_max']} KiB); "
+            f"open fds {s['fds_start']} → {s['fds_end']} (max {s['fds_max']}); {s['processes_range'][0]}–"
+            f"{s['processes_range'][1]} processes on the host.", "",
+            _rss_steps(s), ""]
+
+
+def _growth_half(s: dict) -> str:
+    if "rss_growth_kib_second_half" in s:
+        return f"{s['rss_growth_kib_second_half']} KiB"
+    samples = s["samples"]
+    half = next((x for x in samples if x["t"] >= s["seconds"] / 2), samples[-1])
+    return f"{(samples[-1]['rss_kib'] or 0) - (half['rss_kib'] or 0)} KiB"
+
+
+def _rss_steps(s: dict) -> str:
+    """Where RSS grew, and how many processes the host had then (a process-count spike grows the
+    daemon's pid cache; Python keeps the freed memory for reuse)."""
+    steps = []
+    prev = None
+    for x in s["samples"]:
+        if prev is not None and (x["rss_kib"] or 0) > (prev["rss_kib"] or 0):
+            steps.append(f"+{x['rss_kib'] - prev['rss_kib']} KiB at {x['t']:.0f} s "
+                         f"({max(x['processes'], prev['processes'])} processes)")
+        prev = x
+    return "RSS steps: " + (", ".join(steps) if steps else "none") + "."
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -217,7 +246,8 @@ def _plot_tick(plt, t: dict, path: Path) -> None:
 def readme_section(res: dict, md_name: str, plot_paths: dict[str, str]) -> str:
     """The README's "Performance" section: the latest numbers, the plot, the date, the command."""
     lines = ["## Performance", "",
-             f"Measured on {res['date']} on a shared 2-CPU VM ({res['host']['kernel']}) with `{res['command']}`; "
+             f"Measured on {res['date']} on a shared 2-CPU VM ({res['host']['kernel']}) with "
+             + " and ".join(f"`{c}`" for c in (res.get("commands") or [res["command"]])) + "; "
              f"full tables in [`{md_name}`]({md_name}). The machine is noisy: read the ratios measured side by "
              "side, not single absolute times.", ""]
     m = res["measurements"]

@@ -49,6 +49,7 @@ def run(seconds: float, log) -> dict:
         guests.stop()
         common.cleanup(workdir)
     warm = next((s for s in samples if s["t"] >= min(WARM_S, seconds / 4)), samples[0])
+    half = next((s for s in samples if s["t"] >= seconds / 2), samples[-1])
     last = samples[-1]
     ticks = last["ticks"] - samples[0]["ticks"]
     out = {
@@ -58,6 +59,7 @@ def run(seconds: float, log) -> dict:
         "rss_kib_start": samples[0]["rss_kib"], "rss_kib_after_warmup": warm["rss_kib"],
         "rss_kib_end": last["rss_kib"], "rss_kib_max": max(s["rss_kib"] or 0 for s in samples),
         "rss_growth_kib_after_warmup": (last["rss_kib"] or 0) - (warm["rss_kib"] or 0),
+        "rss_growth_kib_second_half": (last["rss_kib"] or 0) - (half["rss_kib"] or 0),
         "fds_start": samples[0]["fds"], "fds_end": last["fds"], "fds_max": max(s["fds"] or 0 for s in samples),
         "warmup_s": warm["t"],
         "processes_range": [min(s["processes"] for s in samples), max(s["processes"] for s in samples)],
