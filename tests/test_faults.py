@@ -13,12 +13,9 @@ import errno
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -310,8 +307,7 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-needs_state = pytest.mark.skipif(not Daemon(Path(tempfile.mkdtemp())).state_file,
-                                 reason="no --state-file (issue 4) to see which guests a tick counted")
+needs_state = pytest.mark.skipif(not HAS_STATE_FILE, reason="no --state-file (issue 4) to see which guests a tick counted")
 
 
 @pytest.mark.slow

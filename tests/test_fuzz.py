@@ -19,7 +19,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

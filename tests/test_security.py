@@ -6,12 +6,9 @@ Every test drives the real command line or a real daemon.  Links are planted by 
 
 from __future__ import annotations
 
-import errno
 import os
-import pwd
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
