@@ -7,6 +7,9 @@ from pathlib import Path
 
 #: process names / script names of tuners that write KSM knobs
 OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned")
+#: login.defs' UID_MIN: processes of ordinary users (and nobody) cannot write KSM knobs, and
+#: their names must not let any local user keep ksmtuned from starting
+USER_UID_MIN = 1000
 
 
 def other_tuners(procfs: Path = Path("/proc"), self_pid: int | None = None) -> list[tuple[int, str]]:
@@ -21,6 +24,8 @@ def other_tuners(procfs: Path = Path("/proc"), self_pid: int | None = None) -> l
         if not entry.isdigit() or int(entry) in me:
             continue
         try:
+            if os.stat(procfs / entry).st_uid >= USER_UID_MIN:
+                continue
             raw = (procfs / entry / "cmdline").read_bytes()
             comm = (procfs / entry / "comm").read_text().strip()
         except OSError:
