@@ -457,6 +457,36 @@ def test_another_tuner_is_refused_by_name_unless_force(tmp_path, kind):
         other.wait()
 
 
+@root
+def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_path):
+    """A process of an ordinary user (here nobody) cannot write KSM: its name must not block the
+    root daemon's start, or any local user could keep ksmtuned from running (exit 4 at boot)."""
+    bindir = Path(tempfile.mkdtemp(prefix="ksmtuned-user-", dir="/tmp"))
+    bindir.chmod(0o755)
+    try:
+        (bindir / "momd").symlink_to(shutil.which("sleep"))
+        (bindir / "ksmtuned").write_text("#!/bin/bash\nsleep 600\n")
+        (bindir / "ksmtuned").chmod(0o755)
+        fakes = [subprocess.Popen(AS_NOBODY + [str(bindir / "momd"), "600"]),
+                 subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")])]
+        try:
+            time.sleep(0.2)
+            d = Daemon(tmp_path / "d", force=False, procfs=None)
+            d.start(wait=False)
+            try:
+                wait_until(lambda: d.ticks() >= 1 or d.proc.poll() is not None, 15, what="start or exit")
+                named = [f"(pid {p.pid})" for p in fakes if f"(pid {p.pid})" in d.stderr()]
+                assert not named, d.stderr()
+            finally:
+                d.kill()
+        finally:
+            for p in fakes:
+                p.kill()
+                p.wait()
+    finally:
+        shutil.rmtree(bindir, ignore_errors=True)
+
+
 def test_unit_conflicts_with_mom():
     unit = REPO / "systemd" / "ksmtuned.service"
     if not unit.exists():
