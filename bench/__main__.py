@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(previous.read_text())
         if old.get("quick") == args.quick:
             res["measurements"] = old.get("measurements", {})
-            res["commands"] = [c for c in old.get("commands", [old.get("command")]) if c] + [command]
+            res["commands"] = list(dict.fromkeys([c for c in old.get("commands", [old.get("command")]) if c] + [command]))
             res["host"]["loadavg_start"] = old.get("host", {}).get("loadavg_start", res["host"]["loadavg_start"])
     broken = False
     started = time.monotonic()
@@ -131,7 +131,8 @@ def _write(res: dict, out_dir: Path, stem: str, readme: str | None, broken: bool
         res["plots_missing"] = why_no_plots
         _log(f"   no plots: {why_no_plots}")
     res["plots"] = made
-    (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    # compact: the samples (for the plots) are most of it; the Markdown is the human-readable part
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, separators=(",", ":"), default=str) + "\n")
     (out_dir / f"{stem}.md").write_text(report.markdown(res, made))
     if readme:
         rel = os.path.relpath(out_dir, common.REPO)

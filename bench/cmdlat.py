@@ -26,15 +26,19 @@ def command_prefix() -> tuple[list[str], str]:
     return common.ours_argv(), "python -m ksmtuned"
 
 
-def _time(argv: list[str], n: int) -> tuple[list[float], list[int]]:
-    times, codes = [], []
+def _time(argv: list[str], n: int) -> tuple[list[float], list[float], list[int]]:
+    """Wall times and CPU times (user+sys of the command, from wait4) in ms, and exit codes."""
+    times, cpus, codes = [], [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           cwd=common.REPO)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             cwd=common.REPO)
+        _, status, usage = os.wait4(p.pid, 0)
         times.append((time.perf_counter() - t0) * 1000)
+        p.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        cpus.append((usage.ru_utime + usage.ru_stime) * 1000)
         codes.append(p.returncode)
-    return times, codes
+    return times, cpus, codes
 
 
 def importtime(argv_tail: list[str], module: bool = True) -> dict:
@@ -68,13 +72,28 @@ def importtime(argv_tail: list[str], module: bool = True) -> dict:
     }
 
 
+def _median_importtime(runs: list[dict]) -> dict:
+    """Per-field medians of several importtime runs (one run is at the mercy of the machine's load)."""
+    out = dict(runs[0])
+    for key in ("site_us", "editable_finder_us", "ksmtuned_us", "total_us"):
+        out[key] = common.median([r[key] for r in runs])
+    by_module: dict[str, list[int]] = {}
+    for r in runs:
+        for row in r["heaviest_top_level"]:
+            by_module.setdefault(row["module"], []).append(row["cumulative_us"])
+    out["heaviest_top_level"] = sorted(({"module": m, "cumulative_us": common.median(v)} for m, v in by_module.items()),
+                                       key=lambda row: -row["cumulative_us"])[:8]
+    out["runs"] = len(runs)
+    return out
+
+
 def run(quick: bool, log) -> dict:
     common.require_root("the command benchmark (a daemon of ours on a fake KSM directory)")
     n = 5 if quick else 20
     prefix, how = command_prefix()
     workdir = common.tempdir("cmd")
     daemon = Ours("cmd-daemon", workdir, debug=False)
-    result: dict = {"runs": n, "command": how, "processes": common.count_processes(), "commands": {}}
+    result: dict = {"runs": n, "invoked_as": how, "processes": common.count_processes(), "commands": {}}
     try:
         daemon.start()
         cmds = {
@@ -90,17 +109,20 @@ def run(quick: bool, log) -> dict:
                                                   "--sysfs", str(daemon.ksm_dir)],
         }
         for name, argv in cmds.items():
-            times, codes = _time(argv, n)
+            times, cpus, codes = _time(argv, n)
             bad = [c for c in codes if c != 0]
             result["commands"][name] = {
                 "median_ms": common.median(times), "p90_ms": common.percentile(times, 90),
-                "min_ms": min(times), "exit_codes": sorted(set(codes)),
+                "min_ms": min(times), "cpu_ms_median": common.median(cpus), "exit_codes": sorted(set(codes)),
             }
-            log(f"  {name:<28} median {common.median(times):7.1f} ms  (min {min(times):.1f}, exit {sorted(set(codes))})")
+            log(f"  {name:<28} median {common.median(times):7.1f} ms  (min {min(times):.1f}, CPU "
+                f"{common.median(cpus):.1f} ms, exit {sorted(set(codes))})")
             if bad and name != "ksmtuned status":
                 raise RuntimeError(f"{name} failed with exit {bad[0]}: {' '.join(argv)}")
-        result["retune_importtime"] = importtime(["retune", "--pidfile", str(daemon.pidfile)])
-        result["floor_importtime"] = importtime(["-c", "pass"], module=False)
+        k = 3 if quick else 9
+        result["retune_importtime"] = _median_importtime([importtime(["retune", "--pidfile", str(daemon.pidfile)])
+                                                          for _ in range(k)])
+        result["floor_importtime"] = _median_importtime([importtime(["-c", "pass"], module=False) for _ in range(k)])
         # the daemon got one retune per run: let it finish before it is stopped
         time.sleep(0.2)
     finally:

@@ -13,6 +13,10 @@ def _f(x, digits: int = 1, unit: str = "") -> str:
     return f"{x}{unit}"
 
 
+def common_ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
 def _x(r) -> str:
     return "–" if r is None else f"{r:.1f}×"
 
@@ -20,7 +24,7 @@ def _x(r) -> str:
 def markdown(res: dict, plots: dict[str, str]) -> str:
     out = [f"# ksmtuned benchmark, {res['date']}", ""]
     h = res["host"]
-    commands = res.get("commands") or [res["command"]]
+    commands = _commands_of(res)
     out += [("Command: " if len(commands) == 1 else "Commands (partial re-runs, see each section): ")
             + ", ".join(f"`{c}`" for c in commands) + "  ", f"Host: {h['kernel']}, {h['cpus']} CPUs, {h['mem_gib']:.1f} GiB RAM, "
             f"load average {h['loadavg_start']} at the start, {h['loadavg_end']} at the end (a shared machine: "
@@ -45,16 +49,25 @@ def markdown(res: dict, plots: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _commands_of(res: dict) -> list[str]:
+    """The commands that made these results (several after partial re-runs), each once, without
+    the output-only option --readme PATH."""
+    import re
+
+    cmds = [re.sub(r" --readme(=| )\S+", "", c) for c in (res.get("commands") or [res["command"]])]
+    return list(dict.fromkeys(cmds))
+
+
 def _tick(t: dict, plot: str | None) -> list[str]:
     out = ["## Cost of one adjust, retune latency, memory", "",
            f"Per tick: CPU of the daemon's whole process tree (children included), and SIGUSR1 → `run` written. "
            f"Median of {t['ticks_per_phase']} ticks per daemon, all daemons ticked round-robin side by side. "
            f"Method: {t['method']}.", ""]
-    out += ["| processes (guests) | daemon | CPU / tick median | CPU / tick p90 | retune p50 | retune p90 | RSS |",
+    out += ["| processes: median (range; guests) | daemon | CPU / tick median | CPU / tick p90 | retune p50 | retune p90 | RSS |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for count, ph in t["phases"].items():
         for name, d in ph["daemons"].items():
-            out.append(f"| {ph['processes']} ({ph.get('guests_on_host', '?')}) | {name} | {_f(d['cpu_ms_median'], 2)} ms "
+            out.append(f"| {ph['processes']} ({ph['processes_range'][0]}–{ph['processes_range'][1]}; {ph.get('guests_on_host', '?')}) | {name} | {_f(d['cpu_ms_median'], 2)} ms "
                        f"| {_f(d['cpu_ms_p90'], 2)} ms | {_f(d['latency_ms_p50'], 2)} ms | {_f(d['latency_ms_p90'], 2)} ms "
                        f"| {_f((d['rss_kib'] or 0) / 1024, 1)} MiB |")
     out.append("")
@@ -80,13 +93,14 @@ def _tick(t: dict, plot: str | None) -> list[str]:
 
 
 def _commands(c: dict) -> list[str]:
-    out = ["## Command latency", "", f"Wall time, median of {c['runs']} runs (`{c['command']}`), {c['processes']} processes.", "",
-           "| command | median | p90 | min |", "|---|---:|---:|---:|"]
+    out = ["## Command latency", "", f"Wall time, median of {c['runs']} runs (`{c.get('invoked_as', c.get('command'))}`), {c['processes']} processes.", "",
+           "| command | wall median | wall p90 | wall min | CPU median (user+sys) |", "|---|---:|---:|---:|---:|"]
     for name, v in c["commands"].items():
-        out.append(f"| `{name}` | {_f(v['median_ms'])} ms | {_f(v['p90_ms'])} ms | {_f(v['min_ms'])} ms |")
+        out.append(f"| `{name}` | {_f(v['median_ms'])} ms | {_f(v['p90_ms'])} ms | {_f(v['min_ms'])} ms "
+                   f"| {_f(v.get('cpu_ms_median'))} ms |")
     it = c.get("retune_importtime", {})
     if it:
-        out += ["", f"`retune` imports (python -X importtime): {it['modules']} modules; ksmtuned's own "
+        out += ["", f"`retune` imports (python -X importtime, median of {it.get('runs', 1)}): {it['modules']} modules; ksmtuned's own "
                 f"{_f(it['ksmtuned_us'] / 1000, 1)} ms ({', '.join(it['ksmtuned_modules'])}); site "
                 f"{_f(it['site_us'] / 1000, 1)} ms, of which the editable install's finder {_f(it['editable_finder_us'] / 1000, 1)} ms "
                 f"(dev venv only); heavy third-party modules on the path: {', '.join(it['heavy_third_party']) or 'none'}."]
@@ -208,10 +222,12 @@ def _plot_outcome(plt, o: dict, path: Path) -> None:
                 pct.append(100 * (s[i]["ksmd_cpu_s"] - s[j]["ksmd_cpu_s"]) / (s[i]["t"] - s[j]["t"]))
         ax2.plot(pct_t, pct, label=LABELS[name], linewidth=1.0)
     ax1.set_ylabel("pages_sharing")
-    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="upper right")  # empty there: flat out ends after seconds
     ax1.grid(alpha=0.3)
     ax2.set_ylabel("ksmd CPU % (1 s window)")
-    ax2.set_xlabel("seconds since the tuner started")
+    ax2.set_xlabel("seconds since the tuner started (log scale above 1 s)")
+    ax2.set_xscale("symlog", linthresh=1.0)
+    ax2.set_xlim(left=0)
     ax2.grid(alpha=0.3)
     p = o["params"]
     fig.suptitle(f"{p['guests']} × {p['guest_mib']} MiB QEMU guests, real KSM", fontsize=10)
@@ -247,20 +263,39 @@ def readme_section(res: dict, md_name: str, plot_paths: dict[str, str]) -> str:
     """The README's "Performance" section: the latest numbers, the plot, the date, the command."""
     lines = ["## Performance", "",
              f"Measured on {res['date']} on a shared 2-CPU VM ({res['host']['kernel']}) with "
-             + " and ".join(f"`{c}`" for c in (res.get("commands") or [res["command"]])) + "; "
+             + " and ".join(f"`{c}`" for c in _commands_of(res)) + "; "
              f"full tables in [`{md_name}`]({md_name}). The machine is noisy: read the ratios measured side by "
-             "side, not single absolute times.", ""]
+             "side, not single absolute times.", "",
+             "To reproduce: `python -m bench` as root from the checkout, with the project installed in the running "
+             "Python and the `bench` extra (matplotlib); QEMU for the tuning outcome; the old daemon from Debian's "
+             "`ksmtuned` package (`apt-get download ksmtuned && dpkg -x ksmtuned_*.deb .oracle`, or "
+             "`KSMTUNED_ORACLE=PATH`). A full run takes about 20 minutes (most of it the kernel advisor and the "
+             "kernel defaults, which take minutes to merge) and writes `bench/results/<date>.{json,md,png}`; "
+             "`--quick` is the 1–2 minute smoke test CI runs; `--soak` adds the 10-minute soak; "
+             "`--only tick,commands,outcome` re-runs a part.", ""]
     m = res["measurements"]
     t = m.get("tick", {})
     if t.get("phases"):
-        lines += ["| processes on the host | daemon | CPU per adjust (median, children included) | SIGUSR1 → `run` written (p50 / p90) |",
-                  "|---|---|---:|---:|"]
+        lines += ["| processes on the host | DEBUG | CPU per adjust, old daemon | ours | old/ours | "
+                  "SIGUSR1 → `run` written (p50 / p90), old daemon | ours | old/ours (p50) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
         for count, ph in t["phases"].items():
-            for name in ("old", "ours", "old+debug", "ours+debug"):
-                d = ph["daemons"].get(name)
-                if d:
-                    lines.append(f"| {ph['processes']} | {name} | {_f(d['cpu_ms_median'], 2)} ms | "
-                                 f"{_f(d['latency_ms_p50'], 1)} / {_f(d['latency_ms_p90'], 1)} ms |")
+            for debug in ("", "+debug"):
+                old, ours = ph["daemons"].get("old" + debug), ph["daemons"].get("ours" + debug)
+                if not ours:
+                    continue
+                old = old or {}
+                lines.append(
+                    f"| {ph['processes']} | {'on' if debug else 'off'} | {_f(old.get('cpu_ms_median'), 1, ' ms')} "
+                    f"| {_f(ours['cpu_ms_median'], 2, ' ms')} | {_x(common_ratio(old.get('cpu_ms_median'), ours['cpu_ms_median']))} "
+                    f"| {_f(old.get('latency_ms_p50'), 1)} / {_f(old.get('latency_ms_p90'), 1)} ms "
+                    f"| {_f(ours['latency_ms_p50'], 1)} / {_f(ours['latency_ms_p90'], 1)} ms "
+                    f"| {_x(common_ratio(old.get('latency_ms_p50'), ours['latency_ms_p50']))} |")
+        metrics = [(ph["processes"], k, v) for ph in t["phases"].values() for k, v in ph.get("ratios", {}).items()
+                   if k.startswith("ours+metrics")]
+        if metrics:
+            lines += ["", "Prometheus metrics on vs off (CPU per adjust): " + ", ".join(
+                f"{k.split('/')[0].removeprefix('ours+metrics-')} {_x(v)} at {n} processes" for n, k, v in metrics) + "."]
         lines.append("")
         mem = t.get("memory", {})
         if mem.get("ours_rss_kib"):
@@ -284,7 +319,8 @@ def readme_section(res: dict, md_name: str, plot_paths: dict[str, str]) -> str:
                   "| tuner | 90 % of guest RAM merged after | ksmd CPU spent until then | ksmd CPU in the steady state |",
                   "|---|---:|---:|---:|"]
         for name, r in o["tuners"].items():
-            t90 = _f(r["t90_s"], 1, " s") if r["t90_s"] is not None else f"> {p['timeout_s']} s"
+            t90 = (_f(r["t90_s"], 1, " s") if r["t90_s"] is not None
+                   else f"> {p['timeout_s']} s ({100 * r['final_merged_fraction']:.0f} % by then)")
             lines.append(f"| {LABELS[name]} | {t90} | {_f(r['ksmd_cpu_s_to_90'], 2, ' s')} | {_f(r['steady_ksmd_cpu_pct'], 1, ' %')} |")
         lines.append("")
     for key in ("outcome", "tick"):
@@ -292,6 +328,9 @@ def readme_section(res: dict, md_name: str, plot_paths: dict[str, str]) -> str:
             lines += [f"![{key}]({plot_paths[key]})", ""]
     s = m.get("soak", {})
     if s.get("ticks"):
-        lines += [f"Soak: {s['ticks']} ticks at {s['interval_s']} s in {s['seconds']:.0f} s; RSS growth after warm-up "
-                  f"{s['rss_growth_kib_after_warmup']} KiB, open fds {s['fds_start']} → {s['fds_end']}.", ""]
+        lines += [f"Soak: our daemon at a {s['interval_s']} s interval for {s['seconds']:.0f} s, {s['ticks']} ticks: "
+                  f"resident memory grew {s['rss_growth_kib_after_warmup']} KiB after the first {s['warmup_s']:.0f} s "
+                  f"({_growth_half(s)} in the second half; it grows in steps when the host's process count jumps: "
+                  f"{s['processes_range'][0]}–{s['processes_range'][1]} processes during this run), open file "
+                  f"descriptors {s['fds_start']} → {s['fds_end']}.", ""]
     return "\n".join(lines)
