@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .errors import ExitCode, KsmtunedError, UsageError
+from .errors import ExitCode, KsmtunedError
 
 
 
@@ -190,7 +190,6 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
     from .ksm import KsmSysfs
     from .meminfo import read_meminfo, total_kib
 

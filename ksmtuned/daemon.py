@@ -23,7 +23,7 @@ from .guests import Guest, GuestFinder, committed_kib
 from .ksm import KsmSysfs, Write
 from .logs import DebugLog
 from .notify import Notifier
-from .policy import Branch, Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
+from .policy import Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ def real_ksm():
         pytest.skip("needs root to write /sys/kernel/mm/ksm")
     if not ksmguard.ksm_available():
         pytest.skip("this kernel has no KSM (/sys/kernel/mm/ksm/run missing)")
-    with ksmguard.exclusive_ksm() as saved:
+    with ksmguard.exclusive_ksm():
         yield ksmguard.KSM_ROOT
 
 

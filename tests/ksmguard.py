@@ -78,9 +78,9 @@ def restore(saved: dict[str, str], root: Path = KSM_ROOT) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_ksm(root: Path = KSM_ROOT, timeout_s: float = 1800.0):
-    """Hold the machine-wide KSM lock, with every knob saved, and restore on exit."""
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
+def machine_lock(path: Path = LOCK_PATH, timeout_s: float = 1800.0):
+    """An exclusive flock on a machine-wide lock file, waited for up to timeout_s."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -90,11 +90,18 @@ def exclusive_ksm(root: Path = KSM_ROOT, timeout_s: float = 1800.0):
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN) or time.monotonic() > deadline:
                     raise
-                time.sleep(0.2)
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_ksm(root: Path = KSM_ROOT, timeout_s: float = 1800.0):
+    """Hold the machine-wide KSM lock, with every knob saved, and restore on exit."""
+    with machine_lock(LOCK_PATH, timeout_s):
         saved = snapshot(root)
         try:
             yield saved
         finally:
             restore(saved, root)
-    finally:
-        os.close(fd)

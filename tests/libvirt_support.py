@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import grp
 import os
 import pwd
@@ -31,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tests.ksmguard import machine_lock
 
 REPO = Path(__file__).resolve().parent.parent
 HOOK_SRC = REPO / "etc/libvirt/hooks/qemu.d/ksmtuned"
@@ -142,22 +141,8 @@ def _ensure_user() -> None:
                         "/usr/sbin/nologin", "libvirt-qemu"], check=True)
 
 
-@contextlib.contextmanager
 def _lock(timeout_s: float = 300):
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)
+    return machine_lock(LOCK_PATH, timeout_s)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ directory, fake QEMU guests (real processes), and a fake procfs that shows only 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import signal
@@ -208,17 +207,5 @@ def ksm_read_lock():
     """Hold the machine-wide KSM lock (tests/ksmguard) while only reading: knobs stay put."""
     from tests import ksmguard
 
-    fd = os.open(ksmguard.LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with ksmguard.machine_lock(ksmguard.LOCK_PATH, timeout_s=900):
         yield
-    finally:
-        os.close(fd)

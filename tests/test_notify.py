@@ -42,7 +42,6 @@ def test_ready_status_watchdog_stopping(tmp_path):
         # READY comes after the first adjust: the knobs are already written
         assert (tmp_path / "ksm" / "pages_to_scan").read_text() == "300"
         # the watchdog is fed from the loop, at least every WATCHDOG_USEC / 2, with no tick due
-        t0 = time.monotonic()
         pings = [m for m in recv_all(sock, "never", timeout_s=0.65) if m == "WATCHDOG=1"]
         assert len(pings) >= 3, pings
         os.kill(p.pid, signal.SIGUSR1)
