@@ -350,11 +350,16 @@ class GuestFinder:
                 old.ino = ino  # the same process; its /proc dentry was only rebuilt
                 return
             argv = self._read_argv(pid)
+            # stat and cmdline are two reads: an execve() between them pairs the old name with
+            # the new command line.  A name that changed meanwhile means: look again next scan.
+            _, _, comm_after = self._read_stat(pid)
         except (FileNotFoundError, ProcessLookupError):
             self._forget(pid)
             return
         except OSError:
             return  # unreadable now (permissions, a race); tried again when its entry changes
+        exec_raced = comm_after != comm
+        comm = comm_after
         if not argv:  # kernel thread or zombie
             claims: tuple[str, ...] = ()
         else:
@@ -368,7 +373,11 @@ class GuestFinder:
             # or QEMU's -daemonize child, which is the guest once its parent has exited (the
             # look again below sees it reparented).
             claims = ()
-        young = forked and not claims and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
+        # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie, or a
+        # process caught inside execve() (comm already the new program's, cmdline not yet):
+        # the last must be looked at again, or a guest caught so is never counted.
+        mid_exec = (not argv and ppid not in (0, 2)) or exec_raced
+        young = (forked and not claims or mid_exec) and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
         else:
