@@ -74,18 +74,11 @@ def _has_report() -> bool:
     return Path("/dev/shm").is_dir()
 
 
-STATE_XFAIL = pytest.mark.xfail(
-    strict=False,
-    reason="reported: state.atomic_write names each temp file with pathlib (.state.json.PID.N.tmp, N new "
-           "each tick); pathlib interns every new name, and that churn makes CPython regrow its table of "
-           "interned strings (+0.8 to +2.7 MB in 100k ticks). The same writer with a plain-str name: +8 kB.")
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_state", [
     False,
-    pytest.param(True, marks=[pytest.mark.skipif(not _has_report(), reason="no state-file observer (issue 4)"),
-                              STATE_XFAIL])],
+    pytest.param(True, marks=[pytest.mark.skipif(not _has_report(), reason="no state-file observer (issue 4)")])],
     ids=["loop", "loop+state-file"])
 def test_100k_adjusts_grow_rss_by_less_than_1_mib_and_leak_no_fd(tmp_path, with_state):
     """loop: the daemon as --foreground runs it without its observers, 100,000 adjusts.
