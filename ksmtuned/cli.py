@@ -245,6 +245,7 @@ def _observers(args, loaded, sysfs, procfs):
 
 def _run_once(args, loaded, sysfs, procfs) -> int:
     daemon = _make_daemon(args, loaded, sysfs, procfs)
+    daemon.once = True
     report = daemon.adjust("once")
     if report.decision is None or report.error:
         return ExitCode.SOFTWARE

@@ -88,6 +88,8 @@ class Daemon:
         self.ready_sent = False
         self._advisor_warned = False
         self._failing_since: float | None = None
+        self._last_error: tuple[str, float] | None = None  # (error text, when it was last logged)
+        self.once = False  # --once: nothing will be retried
 
     # --- construction helpers -------------------------------------------------------
     def _make_debug_log(self, settings: Settings) -> DebugLog:
@@ -177,17 +179,17 @@ class Daemon:
             self._log_change(decision, report.writes)
             self.last_decision = decision
             if self._failing_since is not None:
-                log.info("adjusting works again")
+                log.info("adjusting works again (after %.0f s of failures)", self.clock() - self._failing_since)
                 self._failing_since = None
+                self._last_error = None
         except KsmtunedError as e:
             report.error = str(e)
-            log.error("adjust failed (%s), will retry: %s", reason, e)
-            self._failing_since = self._failing_since or self.clock()
+            # the same fault on the same file is the same error, whatever value it refused
+            key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
+            self._log_failure(reason, str(e), key=key)
         except Exception as e:  # the tick boundary: log with a traceback and keep running
             report.error = f"{type(e).__name__}: {e}"
-            log.error("adjust failed (%s) with an unexpected error, will retry:\n%s", reason,
-                      traceback.format_exc().rstrip())
-            self._failing_since = self._failing_since or self.clock()
+            self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
         self._notify(report)
         for observer in self.observers:
@@ -196,6 +198,23 @@ class Daemon:
             except Exception:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
+
+    #: The same error, failing tick after tick, is logged again at most this often.
+    REPEAT_ERROR_S = 600.0
+
+    def _log_failure(self, reason: str, text: str, key: str | None = None) -> None:
+        """ERROR for a new failure; the same one again only every REPEAT_ERROR_S (a short interval
+        with a lasting fault must not flood the journal)."""
+        now = self.clock()
+        key = key or text
+        then = "" if self.once else ", will retry"
+        if self._last_error is None or self._last_error[0] != key or now - self._last_error[1] >= self.REPEAT_ERROR_S:
+            repeated = self._failing_since is not None and self._last_error is not None and self._last_error[0] == key
+            log.error("adjust failed (%s)%s%s: %s", reason, then, " again, still" if repeated else "", text)
+            self._last_error = (key, now)
+        else:
+            log.debug("adjust failed (%s) again: %s", reason, text)
+        self._failing_since = self._failing_since or now
 
     def apply(self, decision: Decision) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs."""
