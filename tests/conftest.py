@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,3 +47,33 @@ def world_readable_tmp():
 def ksmtuned_cmd():
     """argv prefix that runs this checkout's ksmtuned with the test interpreter."""
     return [sys.executable, "-m", "ksmtuned"]
+
+
+def _child_daemons() -> set[int]:
+    """Our direct children that are ksmtuned daemons (they name themselves so)."""
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if comm == "ksmtuned" and stat[stat.rindex(")") + 2 :].split()[1] == me:
+            found.add(int(entry))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_daemons():
+    """A test that fails before stopping its daemon must not leave it running for the next ones."""
+    before = _child_daemons()
+    yield
+    for pid in _child_daemons() - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
