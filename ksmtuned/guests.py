@@ -244,6 +244,9 @@ class GuestFinder:
         self._claimed: set[int] = set()  # pids claimed by comm or command line
         self._cursor: tuple[bytes, bytes] | None = None
         self._scans = 0
+        #: work counters (what keeps a scan cheap): /proc listings, and processes read and classified
+        self.listings = 0
+        self.classified = 0
         self._thp_checked_scan = -1
         self._thp_any = True
         self._pidfiles: dict[str, tuple[tuple[int, int], int | None]] = {}  # path -> ((ino, mtime), pid)
@@ -294,6 +297,7 @@ class GuestFinder:
         now_ticks: float | None = None
         changed_names: set[str] = set()
         if key is None or key != self._cursor or not self._seen:
+            self.listings += 1
             try:
                 with os.scandir(self._proc) as it:
                     current = {e.name: e.inode() for e in it}
@@ -343,6 +347,7 @@ class GuestFinder:
         self._young.discard(pid)
 
     def _classify(self, pid: int, ino: int, now_ticks: float, recheck: bool = False) -> None:
+        self.classified += 1
         try:
             start_ticks, ppid, comm = self._read_stat(pid)
             old = self._cache.get(pid)

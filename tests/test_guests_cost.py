@@ -1,8 +1,9 @@
-"""The per-tick cost of finding guests with 2,000 processes on the host (issue 3: <= 2 ms of CPU).
+"""Why a scan stays cheap with 2,000 processes on the host (issue 3), asserted as work, not time.
 
-The old daemon forks pgrep, ps, awk and date each tick: about 95 ms of CPU with 2,000
-processes (KSM.md section 4).  Measured here with time.process_time (user + system CPU of
-this process, so other load on the machine counts little), as the mean of 50 scans.
+Time is measured in the benchmark suite (`python -m bench`, "CPU per adjust"), never here: on a
+shared machine a timed test fails for reasons that are not ours.  What is asserted is the
+mechanism: a scan lists /proc only when a process was created since the last one (the last
+allocated pid in /proc/loadavg moved), and reads only processes it has not seen before.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -19,9 +19,7 @@ from ksmtuned.guests import GuestFinder
 pytestmark = [pytest.mark.slow]
 
 N = 2000
-TARGET_MS = 2.0
-#: Guests of other test runs on this machine would add their memory reads (about 0.05 ms each)
-#: to the measurement, so this finder claims no process: what is measured is finding guests.
+#: Claim no process: what is exercised is finding guests among many non-guests.
 MATCHERS = ("regex:^ksmtuned-cost-test-none$",)
 
 
@@ -42,36 +40,46 @@ def many_processes():
             p.wait()
 
 
-def _mean_scan_ms(finder: GuestFinder, n: int = 50, force_listing: bool = False) -> float:
-    spent = 0.0
-    for _ in range(n):
-        if force_listing:
-            finder._cursor = None  # as if a process had been created since the last scan
-        t = time.process_time()
+def _cursor() -> tuple[str, str]:
+    fields = open("/proc/loadavg").read().split()
+    return fields[3].partition("/")[2], fields[4]
+
+
+def test_first_scan_reads_every_process_once(many_processes):
+    finder = GuestFinder(matchers=MATCHERS)
+    finder.scan()
+    assert finder.listings == 1
+    assert finder.classified >= N
+
+
+def test_a_scan_with_no_new_process_does_not_list_proc(many_processes):
+    finder = GuestFinder(matchers=MATCHERS)
+    finder.scan()
+    quiet = 0
+    for _ in range(200):
+        before, listings = _cursor(), finder.listings
         finder.scan()
-        spent += time.process_time() - t
-    return spent / n * 1000
+        if _cursor() == before:  # nothing was created on the host meanwhile
+            quiet += 1
+            assert finder.listings == listings
+    if quiet == 0:
+        pytest.skip("the host created processes during every scan: no quiet scan to check")
 
 
-def test_steady_scan_is_cheap(many_processes, record_property):
-    """No process created between two ticks: no /proc listing at all."""
+def test_a_listing_reads_only_new_processes(many_processes):
     finder = GuestFinder(matchers=MATCHERS)
     finder.scan()
-    ms = min(_mean_scan_ms(finder) for _ in range(3))
-    record_property("steady_scan_ms", ms)
-    print(f"\nsteady scan with {N}+ processes: {ms:.3f} ms CPU")
-    assert ms <= TARGET_MS
-
-
-def test_scan_with_new_processes_stays_within_target(many_processes, record_property):
-    """The usual case on a real host: some process was created since the last tick, so /proc is
-    listed, but only the new processes are read."""
-    finder = GuestFinder(matchers=MATCHERS)
-    finder.scan()
-    ms = min(_mean_scan_ms(finder, force_listing=True) for _ in range(3))
-    record_property("listing_scan_ms", ms)
-    print(f"\nscan with a /proc listing, {N}+ processes: {ms:.3f} ms CPU")
-    load = os.getloadavg()[0]
-    if ms > TARGET_MS and load > 2 * (os.cpu_count() or 1):
-        pytest.skip(f"{ms:.2f} ms, but the machine is overloaded (load {load:.0f}); not a fair measurement")
-    assert ms <= TARGET_MS
+    classified = finder.classified
+    newcomers = [subprocess.Popen(["sleep", "600"]) for _ in range(20)]
+    try:
+        for _ in range(50):
+            finder._cursor = None  # as if a process had been created since the last scan
+            finder.scan()
+        # 50 listings of 2,000+ processes re-read only the 20 new ones (and whatever else the
+        # host started meanwhile), not 100,000 processes
+        assert finder.listings >= 51
+        assert 20 <= finder.classified - classified < 20 + 500
+    finally:
+        for p in newcomers:
+            p.kill()
+            p.wait()
