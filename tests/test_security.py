@@ -7,6 +7,7 @@ Every test drives the real command line or a real daemon.  Links are planted by 
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -425,7 +426,8 @@ def _tuner(tmp_path: Path, kind: str) -> subprocess.Popen:
     if kind == "bash ksmtuned":
         script = bindir / "ksmtuned"
         script.write_text("#!/bin/bash\nsleep 600\n")
-        return subprocess.Popen(["/bin/bash", str(script)])
+        # its own process group, so that killing it takes the sleep child along
+        return subprocess.Popen(["/bin/bash", str(script)], start_new_session=True)
     if kind in ("momd", "mom-vdsm"):
         exe = bindir / kind
         exe.symlink_to(shutil.which("sleep"))
@@ -452,8 +454,7 @@ def test_another_tuner_is_refused_by_name_unless_force(tmp_path, kind):
         with forced:
             assert forced.stop() == 0
     finally:
-        other.kill()
-        other.wait()
+        _kill_group(other)
 
 
 @root
@@ -467,7 +468,7 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
         (bindir / "ksmtuned").write_text("#!/bin/bash\nsleep 600\n")
         (bindir / "ksmtuned").chmod(0o755)
         fakes = [subprocess.Popen(AS_NOBODY + [str(bindir / "momd"), "600"]),
-                 subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")])]
+                 subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")], start_new_session=True)]
         try:
             time.sleep(0.2)
             d = Daemon(tmp_path / "d", force=False, procfs=None)
@@ -480,10 +481,21 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
                 d.kill()
         finally:
             for p in fakes:
-                p.kill()
-                p.wait()
+                _kill_group(p)
     finally:
         shutil.rmtree(bindir, ignore_errors=True)
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """Kill a fake tuner and, when it leads its own session, its children (bash's sleep)."""
+    try:
+        if os.getpgid(p.pid) == p.pid:
+            os.killpg(p.pid, signal.SIGKILL)
+        else:
+            p.kill()
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def test_unit_conflicts_with_mom():
