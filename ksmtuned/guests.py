@@ -66,6 +66,11 @@ PIDFILE_DIRS = {"libvirt": "libvirt/qemu", "proxmox": "qemu-server"}
 
 #: A forked process that has not exec'd yet is classified again each scan until this old.
 YOUNG_S = 60.0
+#: When more pids than this were allocated since the last scan, list /proc instead of
+#: looking at each new pid (a listing costs about as much as this many reads).
+MAX_NEW_PIDS = 256
+#: List /proc in full at least every this many scans, to drop exited processes from the cache.
+FULL_LISTING_EVERY = 100
 #: The THP warning: at least this share of the guest's RSS on transparent huge pages.
 THP_WARN_SHARE = 0.10
 
@@ -244,6 +249,14 @@ class GuestFinder:
         self._claimed: set[int] = set()  # pids claimed by comm or command line
         self._cursor: tuple[bytes, bytes] | None = None
         self._scans = 0
+        self._last_listing_scan = 0
+        self._pid_max: int | None = None
+        # /proc/loadavg's last pid is the reader's pid namespace's: it says which pids are new
+        # only when this /proc is of our own namespace (not a host /proc seen from a container).
+        try:
+            self._pid_range_ok = os.readlink(f"{self._proc}/self") == str(os.getpid())
+        except OSError:
+            self._pid_range_ok = False
         #: work counters (what keeps a scan cheap): /proc listings, and processes read and classified
         self.listings = 0
         self.classified = 0
@@ -296,8 +309,30 @@ class GuestFinder:
         key = self._pid_cursor()
         now_ticks: float | None = None
         changed_names: set[str] = set()
-        if key is None or key != self._cursor or not self._seen:
+        new_pids = None
+        if self._pid_range_ok and key is not None and self._cursor is not None and self._seen and key != self._cursor and (
+                self._scans - self._last_listing_scan < FULL_LISTING_EVERY):
+            new_pids = self._allocated_since(self._cursor[1], key[1])
+        if new_pids is not None:
+            # Only pids allocated since the last scan can be new processes (or reused pids):
+            # look at those instead of listing /proc, whose readdir is the main cost of a scan.
+            for pid in new_pids:
+                name = str(pid)
+                try:
+                    ino = os.stat(f"{self._proc}/{name}").st_ino
+                    if not self._is_process(pid):
+                        continue  # a thread: it has a /proc/TID but is no process of its own
+                except OSError:
+                    continue  # already gone
+                self._seen[name] = ino
+                changed_names.add(name)
+                if now_ticks is None:
+                    now_ticks = self._uptime_s() * CLK_TCK
+                self._classify(pid, ino, now_ticks)
+            self._cursor = key
+        elif key is None or key != self._cursor or not self._seen:
             self.listings += 1
+            self._last_listing_scan = self._scans
             try:
                 with os.scandir(self._proc) as it:
                     current = {e.name: e.inode() for e in it}
@@ -332,6 +367,35 @@ class GuestFinder:
             if now_ticks is None:
                 now_ticks = self._uptime_s() * CLK_TCK
             self._classify(pid, entry.ino, now_ticks, recheck=True)
+
+    def _allocated_since(self, last_text: bytes, now_text: bytes) -> list[int] | None:
+        """The pids the kernel allocated after ``last_text`` up to ``now_text`` (the last pid in
+        /proc/loadavg at two scans), or None when they are too many or cannot be known."""
+        try:
+            last, now = int(last_text), int(now_text)
+        except ValueError:
+            return None
+        if now >= last:
+            return list(range(last + 1, now + 1)) if now - last <= MAX_NEW_PIDS else None
+        if self._pid_max is None:  # wrapped around pid_max
+            try:
+                with open(f"{self._proc}/sys/kernel/pid_max", "rb") as f:
+                    self._pid_max = int(f.read())
+            except (OSError, ValueError):
+                return None
+        # the kernel restarts above 300 after a wrap (RESERVED_PIDS); count from 1 to be safe
+        if (self._pid_max - 1 - last) + now > MAX_NEW_PIDS:
+            return None
+        return list(range(last + 1, self._pid_max)) + list(range(1, now + 1))
+
+    def _is_process(self, pid: int) -> bool:
+        """A thread group leader, not another thread (threads take pids from the same counter)."""
+        with open(f"{self._proc}/{pid}/status", "rb") as f:
+            head = f.read(512)
+        for line in head.split(b"\n"):
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1]) == pid
+        return True
 
     def _pid_cursor(self) -> tuple[bytes, bytes] | None:
         try:

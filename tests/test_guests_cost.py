@@ -83,3 +83,60 @@ def test_a_listing_reads_only_new_processes(many_processes):
         for p in newcomers:
             p.kill()
             p.wait()
+
+
+def _fake_guest_exe(tmp_path, target: str):
+    exe = tmp_path / "qemu-kvm"  # Red Hat's pattern claims it by name
+    exe.symlink_to(target)
+    return exe
+
+
+def test_new_guests_are_found_without_listing_proc(many_processes, tmp_path):
+    """Processes created since the last scan are found from the pids allocated meanwhile
+    (last pid in /proc/loadavg), without a readdir of /proc."""
+    finder = GuestFinder()
+    finder.scan()
+    listings = finder.listings
+    before = _cursor()
+    guests = [subprocess.Popen([str(_fake_guest_exe(tmp_path, "/bin/sleep")), "600"]) for _ in range(1)]
+    guests += [subprocess.Popen([str(tmp_path / "qemu-kvm"), "600"]) for _ in range(4)]
+    try:
+        import time
+
+        time.sleep(0.2)  # exec'd
+        found = {g.pid for g in finder.scan()}
+        assert {p.pid for p in guests} <= found
+        if int(_cursor()[1]) - int(before[1]) <= 256 and finder._pid_range_ok:
+            assert finder.listings == listings  # found by pid range, not by listing /proc
+    finally:
+        for p in guests:
+            p.kill()
+            p.wait()
+
+
+def test_threads_of_a_guest_are_not_guests(tmp_path):
+    """Threads take pids from the same counter and have a /proc/TID of their own: a guest that
+    starts threads after it was first seen is still one guest."""
+    import sys
+    import time
+
+    exe = _fake_guest_exe(tmp_path, sys.executable)
+    code = ("import threading, time, sys\n"
+            "sys.stdout.write('up\\n'); sys.stdout.flush(); sys.stdin.readline()\n"
+            "ts = [threading.Thread(target=time.sleep, args=(60,), daemon=True) for _ in range(20)]\n"
+            "[t.start() for t in ts]\nsys.stdout.write('threads\\n'); sys.stdout.flush(); time.sleep(60)\n")
+    p = subprocess.Popen([str(exe), "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "up\n"
+        finder = GuestFinder(matchers=("redhat",))
+        assert [g.pid for g in finder.scan() if g.pid == p.pid] == [p.pid]
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "threads\n"
+        time.sleep(0.05)
+        mine = [g.pid for g in finder.scan() if g.pid == p.pid or g.name == "qemu-kvm" and
+                open(f"/proc/{g.pid}/status").read().find(f"Tgid:\t{p.pid}\n") >= 0]
+        assert mine == [p.pid]
+    finally:
+        p.kill()
+        p.wait()
