@@ -222,7 +222,7 @@ def _conflict_error(others):
     )
 
 
-def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=()):
+def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=(), once=False):
     from .daemon import Daemon
 
     def reload_config():
@@ -230,22 +230,19 @@ def _make_daemon(args, loaded, sysfs, procfs, notifier=None, observers=()):
 
     return Daemon(loaded, sysfs, procfs=procfs, run_dir=Path(_opt(args, "run_dir", "/run")),
                   dry_run=args.dry_run, debug_override=args.debug,
-                  reload_config=reload_config, notifier=notifier, observers=observers)
+                  reload_config=reload_config, notifier=notifier, observers=observers, once=once)
 
 
 def _observers(args, loaded, sysfs, procfs):
-    """Reporters that want every tick (state file, metrics) when their module is present."""
-    try:
-        from .report import make_observers
-    except ImportError:
-        return []
+    """Reporters that want every tick: the state file and the metrics."""
+    from .report import make_observers
+
     return make_observers(loaded.settings, state_path=Path(_opt(args, "state_file", DEFAULT_STATE_FILE)),
                           sysfs=sysfs.root, procfs=procfs, config_path=loaded.path)
 
 
 def _run_once(args, loaded, sysfs, procfs) -> int:
-    daemon = _make_daemon(args, loaded, sysfs, procfs)
-    daemon.once = True
+    daemon = _make_daemon(args, loaded, sysfs, procfs, once=True)
     report = daemon.adjust("once")
     if report.decision is None or report.error:
         return ExitCode.SOFTWARE

@@ -60,6 +60,7 @@ class Daemon:
         notifier: Notifier | None = None,
         guest_finder: GuestFinder | None = None,
         dry_run: bool = False,
+        once: bool = False,
         debug_override: bool = False,
         reload_config: Callable[[], LoadedConfig] | None = None,
         observers: Iterable[Observer] = (),
@@ -89,7 +90,7 @@ class Daemon:
         self._advisor_warned = False
         self._failing_since: float | None = None
         self._last_error: tuple[str, float] | None = None  # (error text, when it was last logged)
-        self.once = False  # --once: nothing will be retried
+        self.once = once  # --once: nothing will be retried
 
     # --- construction helpers -------------------------------------------------------
     def _make_debug_log(self, settings: Settings) -> DebugLog:

@@ -59,6 +59,8 @@ def _wrap(e: OSError, path: Path, action: str) -> KernelInterfaceError:
 class KsmSysfs:
     def __init__(self, root: Path = DEFAULT_SYSFS):
         self.root = Path(root)
+        self._prefix = str(self.root) + "/"
+        self._present: tuple[str, ...] | None = None  # counters() files found last time
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -141,17 +143,32 @@ class KsmSysfs:
             return False
 
     def counters(self) -> dict[str, int | str]:
-        """Every counter and knob the kernel offers, as ints where they are numbers."""
+        """Every counter and knob the kernel offers, as ints where they are numbers
+        (advisor_mode: its selected word).
+
+        Read every tick by the state file and metrics, so kept cheap: one open and one read per
+        file, and only the files found present last time (all are probed again after a failure).
+        """
         out: dict[str, int | str] = {}
-        for name in COUNTERS + KNOBS:
-            if not self.has(name):
+        failed = False
+        for name in self._present if self._present is not None else COUNTERS + KNOBS:
+            try:
+                fd = os.open(self._prefix + name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                failed = True
                 continue
             try:
-                text = self.read(name)
-            except KernelInterfaceError:
+                text = os.read(fd, 4096).decode(errors="replace").strip()
+            except OSError:
+                failed = True
                 continue
+            finally:
+                os.close(fd)
+            if "[" in text and "]" in text:
+                text = text[text.index("[") + 1 : text.index("]")]
             try:
                 out[name] = int(text)
             except ValueError:
                 out[name] = text
+        self._present = None if failed and self._present is not None else tuple(out)
         return out

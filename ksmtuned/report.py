@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .ksm import COUNTERS, DEFAULT_SYSFS, KNOBS
+from .ksm import DEFAULT_SYSFS, KsmSysfs
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -115,48 +115,6 @@ class Ksmd:
         if times is None or up is None or up - times[1] <= 0:
             return None
         return 100.0 * times[0] / (up - times[1])
-
-
-class KsmCounters:
-    """Reads every KSM counter and knob the kernel offers, as cheaply as Python can.
-
-    The same values as ``KsmSysfs.counters()`` (ints where numbers, advisor_mode's selected
-    word), at a third of its cost: one open and one read per file, and only the files found
-    present the last time (the set is probed again after any failure).
-    """
-
-    NAMES = COUNTERS + KNOBS
-
-    def __init__(self, root: Path = DEFAULT_SYSFS):
-        self.root = Path(root)
-        self._prefix = str(self.root) + "/"
-        self._present: tuple[str, ...] | None = None
-
-    def read(self) -> dict[str, int | str]:
-        out: dict[str, int | str] = {}
-        failed = False
-        for name in self._present if self._present is not None else self.NAMES:
-            try:
-                fd = os.open(self._prefix + name, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                failed = True
-                continue
-            try:
-                raw = os.read(fd, 4096)
-            except OSError:
-                failed = True
-                continue
-            finally:
-                os.close(fd)
-            text = raw.decode(errors="replace").strip()
-            if "[" in text and "]" in text:
-                text = text[text.index("[") + 1:text.index("]")]
-            try:
-                out[name] = int(text)
-            except ValueError:
-                out[name] = text
-        self._present = None if failed and self._present is not None else tuple(out)
-        return out
 
 
 def read_ksm_stat(procfs: Path, pid: int) -> dict[str, int]:
@@ -268,7 +226,7 @@ class Reporter:
                  procfs: Path = Path("/proc"), config_path: str | None = None,
                  clock: Callable[[], float] = time.time):
         self.state_path = Path(state_path) if state_path is not None else None
-        self.sysfs = KsmCounters(Path(sysfs))
+        self.sysfs = KsmSysfs(Path(sysfs))
         self.procfs = Path(procfs)
         self.config_path = str(config_path) if config_path is not None else None
         self.started_s = clock()
@@ -306,7 +264,7 @@ class Reporter:
         self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
-        ksm = self.sysfs.read()
+        ksm = self.sysfs.counters()
         limits = report.limits
         guests = tuple(_guest_data(g, self.procfs, settings.ps_metric) for g in (report.guests or ()))
         ksmd_cpu_s = self.ksmd.cpu_seconds()
