@@ -154,7 +154,7 @@ class Daemon:
         fields = meminfo.read_meminfo(self.meminfo_path)
         free = meminfo.free_kib(fields, self.settings.free_metric, str(self.meminfo_path))
         guests = self.guest_finder.scan()
-        committed = _committed(guests, self.settings.ps_metric)
+        committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 
     def adjust(self, reason: str = "interval") -> TickReport:
@@ -306,13 +306,6 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.debug_log.close()
-
-
-def _committed(guests: list[Guest], metric: str) -> int:
-    if metric == "rss":
-        return committed_kib(guests)
-    attr = f"{metric}_kib"
-    return sum(getattr(g, attr, None) or 0 for g in guests)
 
 
 def _num(x: float) -> str:
