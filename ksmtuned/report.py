@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .guests import Guest
 from .ksm import DEFAULT_SYSFS, KsmSysfs
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
@@ -117,22 +118,6 @@ class Ksmd:
         return 100.0 * times[0] / (up - times[1])
 
 
-def read_ksm_stat(procfs: Path, pid: int) -> dict[str, int]:
-    """/proc/PID/ksm_stat as {key: int} (kernel >= 6.1; ksm_process_profit >= 6.4); {} if absent."""
-    try:
-        text = (Path(procfs) / str(pid) / "ksm_stat").read_text()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            continue  # ksm_merge_any: yes/no and the like
-    return out
-
-
 # --- one tick's data -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -192,22 +177,12 @@ class TickData:
                 "ksmd_cpu_s": self.ksmd_cpu_s, "decision": self.decision, "npages": self.npages}
 
 
-def _guest_data(guest, procfs: Path, ps_metric: str) -> GuestData:
-    pid = int(getattr(guest, "pid"))
-    # the guests module may already carry these (newer Guest objects); else read ksm_stat
-    merging = getattr(guest, "ksm_merging_pages", None)
-    profit = getattr(guest, "ksm_profit_bytes", None)
-    if profit is None:
-        profit = getattr(guest, "ksm_process_profit", None)
-    if merging is None and profit is None:
-        stat = read_ksm_stat(procfs, pid)
-        merging, profit = stat.get("ksm_merging_pages"), stat.get("ksm_process_profit")
-    memory = getattr(guest, f"{ps_metric}_kib", None)
-    if memory is None:
-        memory = getattr(guest, "rss_kib", None)
-    name = getattr(guest, "guest_name", None) or getattr(guest, "name", None) or str(pid)
-    return GuestData(pid=pid, name=str(name), matcher=str(getattr(guest, "matcher", "")),
-                     memory_kib=memory, ksm_merging_pages=merging, ksm_profit_bytes=profit)
+def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
+    """What the state file and metrics keep of a guest (the finder already read ksm_stat)."""
+    memory = getattr(guest, f"{ps_metric}_kib")
+    return GuestData(pid=guest.pid, name=guest.name, matcher=guest.matcher,
+                     memory_kib=guest.rss_kib if memory is None else memory,
+                     ksm_merging_pages=guest.ksm_merging_pages, ksm_profit_bytes=guest.ksm_profit_bytes)
 
 
 def _settings_dict(settings) -> dict[str, Any]:
@@ -266,7 +241,7 @@ class Reporter:
             self.last_success_s = report.time_s
         ksm = self.sysfs.counters()
         limits = report.limits
-        guests = tuple(_guest_data(g, self.procfs, settings.ps_metric) for g in (report.guests or ()))
+        guests = tuple(_guest_data(g, settings.ps_metric) for g in report.guests)
         ksmd_cpu_s = self.ksmd.cpu_seconds()
         return TickData(
             time_s=report.time_s, duration_s=report.duration_s, reason=report.reason, error=report.error,
