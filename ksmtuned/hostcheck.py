@@ -28,7 +28,10 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the finder (psutil) is imported only when guests are scanned
+    from .guests import Guest
 
 from .errors import ExitCode
 
@@ -178,41 +181,19 @@ def thp_mode(mm: Path) -> str | None:
     return m.group(1) if m else text.strip() or None
 
 
-def _rollup_thp_kib(procfs: Path, pid: int) -> int | None:
-    try:
-        for line in (procfs / str(pid) / "smaps_rollup").read_text().splitlines():
-            if line.startswith("AnonHugePages:"):
-                return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _argv(procfs: Path, pid: int) -> tuple[str, ...]:
-    try:
-        raw = (procfs / str(pid) / "cmdline").read_bytes()
-    except OSError:
-        return ()
-    return tuple(a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")) if raw else ()
-
-
-def guest_spec(guest, procfs: Path) -> GuestSpec:
-    """Configured memory and vCPUs of one guest (a ksmtuned.guests.Guest)."""
-    pid = int(guest.pid)
-    argv = tuple(getattr(guest, "cmdline", ()) or ()) or _argv(procfs, pid)
+def guest_spec(guest: Guest) -> GuestSpec:
+    """Configured memory and vCPUs of one guest, from what the finder read (scan(details=True))."""
+    argv = guest.cmdline
     memory = memory_from_argv(argv)
     source = "-m"
     if memory is None:
         exe = os.path.basename(argv[0]) if argv else ""
-        if argv and (_QEMU_EXE.match(exe) or _QEMU_EXE.match(getattr(guest, "comm", "") or "")):
+        if argv and (_QEMU_EXE.match(exe) or _QEMU_EXE.match(guest.comm)):
             memory, source = QEMU_DEFAULT_RAM_BYTES, "default"
         else:
-            memory, source = int(getattr(guest, "vsz_kib", 0) or 0) * 1024, "vsz"
-    thp_kib = getattr(guest, "thp_kib", None)
-    if thp_kib is None:
-        thp_kib = _rollup_thp_kib(procfs, pid)
-    rss_kib = getattr(guest, "rss_kib", None)
-    return GuestSpec(pid=pid, name=str(getattr(guest, "name", "") or pid), memory_bytes=memory,
+            memory, source = guest.vsz_kib * 1024, "vsz"
+    thp_kib, rss_kib = guest.thp_kib, guest.rss_kib
+    return GuestSpec(pid=guest.pid, name=guest.name or str(guest.pid), memory_bytes=memory,
                      memory_source=source, vcpus=vcpus_from_argv(argv),
                      thp_bytes=thp_kib * 1024 if thp_kib is not None else None,
                      rss_bytes=rss_kib * 1024 if rss_kib is not None else None)
@@ -258,7 +239,7 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
     try:
         finder = GuestFinder.from_settings(settings, procfs=procfs)
         found = finder.scan(details=True)
-        guests = [guest_spec(g, procfs) for g in found]
+        guests = [guest_spec(g) for g in found]
     except KsmtunedError as e:
         errors["guests"] = str(e)
     sysfs = KsmSysfs(ksm_dir)
