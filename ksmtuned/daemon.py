@@ -139,12 +139,9 @@ class Daemon:
             self.start()
         except KernelInterfaceError as e:
             log.error("reload: %s", e)
-        changed = [
-            f"{alias}: {getattr(old_settings, name)!r} -> {getattr(new.settings, name)!r}"
-            for name, fld in type(new.settings).model_fields.items()
-            for alias in [fld.alias]
-            if getattr(old_settings, name) != getattr(new.settings, name)
-        ]
+        before = old_settings.by_alias()
+        changed = [f"{alias}: {before[alias]!r} -> {value!r}"
+                   for alias, value in new.settings.by_alias().items() if before[alias] != value]
         log.info("reloaded %s%s", new.path, (": " + "; ".join(changed)) if changed else " (no change)")
         self.notifier.reloaded()
         return True

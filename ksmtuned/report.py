@@ -186,10 +186,8 @@ def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
 
 
 def _settings_dict(settings) -> dict[str, Any]:
-    try:
-        return settings.model_dump(by_alias=True, mode="json")
-    except AttributeError:
-        return {}
+    by_alias = getattr(settings, "by_alias", None)
+    return by_alias() if by_alias is not None else {}
 
 
 # --- the observer --------------------------------------------------------------------------

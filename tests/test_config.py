@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from ksmtuned.config import (
-    Settings, build_settings, check_file_safety, load_config, parse_assignments, parse_listen,
+    KEYS, Settings, SettingsError, build_settings, check_file_safety, load_config, parse_assignments,
+    parse_listen,
 )
 from ksmtuned.errors import ConfigError, ExitCode
 
@@ -192,3 +193,71 @@ def test_world_writable_directory_is_refused(tmp_path):
     (d / "ksmtuned.conf").write_text("")
     with pytest.raises(ConfigError, match=f"{d}: config directory is writable"):
         check_file_safety(d / "ksmtuned.conf")
+
+
+# --- the settings model: numbers as the old daemon's bash reads them --------------------------
+
+@pytest.mark.parametrize("text,value", [
+    ("KSM_NPAGES_BOOST=' 12 '", 12), ("KSM_NPAGES_BOOST=+12", 12), ("KSM_NPAGES_BOOST=0", 0),
+    ("KSM_NPAGES_DECAY=-0", 0), ("KSM_MONITOR_INTERVAL=1e1", 10.0), ("KSM_MONITOR_INTERVAL=.5", 0.5),
+    ("KSM_MONITOR_INTERVAL=5.", 5.0), ("KSM_MONITOR_INTERVAL=' 2 '", 2.0),
+])
+def test_numbers_bash_and_sleep_read_alike_are_accepted(text, value):
+    s = settings(text)
+    assert getattr(s, KEYS[text.split("=")[0]]) == value
+
+
+@pytest.mark.parametrize("text,message", [
+    # bash's $(( )) reads 012 as octal 10: refused rather than silently read otherwise
+    ("KSM_NPAGES_BOOST=012", "KSM_NPAGES_BOOST: expected a decimal integer without leading zeros"),
+    ("KSM_NPAGES_BOOST=1_000", "KSM_NPAGES_BOOST: expected an integer, got '1_000'"),
+    ("KSM_NPAGES_BOOST=12.0", "KSM_NPAGES_BOOST: expected an integer, got '12.0'"),
+    ("KSM_NPAGES_BOOST=0x10", "KSM_NPAGES_BOOST: expected an integer, got '0x10'"),
+    ("KSM_NPAGES_BOOST=\u0663", "KSM_NPAGES_BOOST: expected an integer"),  # an Arabic-Indic 3
+    ("KSM_NPAGES_BOOST=2147483648", "KSM_NPAGES_BOOST: expected a value less than or equal to 2147483647"),
+    ("KSM_MONITOR_INTERVAL=inf", "KSM_MONITOR_INTERVAL: expected a number, got 'inf'"),
+    ("KSM_MONITOR_INTERVAL=nan", "KSM_MONITOR_INTERVAL: expected a number, got 'nan'"),
+    ("KSM_MONITOR_INTERVAL=1_0", "KSM_MONITOR_INTERVAL: expected a number, got '1_0'"),
+    ("KSM_MONITOR_INTERVAL=1e-400", "KSM_MONITOR_INTERVAL: expected a value greater than 0"),
+    ("KSM_MONITOR_INTERVAL=86401", "KSM_MONITOR_INTERVAL: expected a value less than or equal to 86400"),
+])
+def test_numbers_the_old_daemon_would_misread_are_refused(text, message):
+    with pytest.raises(ConfigError) as e:
+        settings(text)
+    assert str(e.value).startswith(f"{F}:1: {message}"), str(e.value)
+
+
+def test_every_bad_value_is_reported_at_once_each_with_its_line():
+    with pytest.raises(ConfigError) as e:
+        settings("KSM_NPAGES_MAX=x\nKSM_THRES_COEF=101\nKSM_PS_METRIC=foo\n")
+    assert str(e.value).splitlines() == [
+        f"{F}:1: KSM_NPAGES_MAX: expected an integer, got 'x'",
+        f"{F}:2: KSM_THRES_COEF: expected a value less than or equal to 100, got '101'",
+        f"{F}:3: KSM_PS_METRIC: expected 'rss', 'pss' or 'vsz', got 'foo'",
+    ]
+
+
+def test_the_model_checks_values_however_it_is_built():
+    """Direct construction (as the daemon's code and tests do) validates like the file does."""
+    assert Settings(npages_boost="7").npages_boost == 7
+    with pytest.raises(SettingsError) as e:
+        Settings(npages_min=100, npages_max=10)
+    assert e.value.problems == [(None, "KSM_NPAGES_MAX (10) must be >= KSM_NPAGES_MIN (100)")]
+    with pytest.raises(SettingsError) as e:
+        Settings.from_aliases({"KSM_THRES_COEF": -1, "KSM_NPAGES_BOOST": "x"})
+    assert [a for a, _ in e.value.problems] == ["KSM_THRES_COEF", "KSM_NPAGES_BOOST"]
+    with pytest.raises(SettingsError, match="unknown keys KSM_NOPE"):
+        Settings.from_aliases({"KSM_NOPE": 1})
+
+
+def test_settings_by_alias_is_every_key_as_json():
+    import json
+
+    s = settings("KSM_GUEST_MATCH=debian,libvirt\nKSM_METRICS_LISTEN=9100\nDEBUG=1\n")
+    d = s.by_alias()
+    assert set(d) == set(KEYS)
+    assert d["KSM_GUEST_MATCH"] == ["debian", "libvirt"] and d["KSM_METRICS_LISTEN"] == ["127.0.0.1", 9100]
+    assert d["DEBUG"] is True and d["KSM_MONITOR_INTERVAL"] == 60.0
+    assert json.loads(json.dumps(d)) == d
+    assert Settings.from_aliases({k: v for k, v in d.items()
+                                  if k not in ("KSM_GUEST_MATCH", "KSM_METRICS_LISTEN")}).npages_max == 1250

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -260,3 +261,20 @@ def test_log_reopened_after_rotation(tmp_path):
         d.wait_ticks(1)
         assert "committed" in d.log.read_text() and "total" not in d.log.read_text()
         assert rotated.read_text().count("committed") == 1
+
+
+def test_the_running_daemon_maps_no_heavy_library(tmp_path):
+    """Issue 5's memory budget (< 25 MB RSS): the resident process loads neither pydantic nor
+    importlib.metadata (which pydantic's plugin loader pulls in) nor prometheus_client when no
+    metrics are configured.  Checked in the live process: its mapped files and its modules."""
+    with DaemonProc(tmp_path) as d:
+        d.signal(signal.SIGUSR1)
+        d.wait_ticks(2)
+        maps = Path(f"/proc/{d.pid}/maps").read_text()
+        assert "pydantic" not in maps and "prometheus" not in maps
+        # and the modules behind that process: what importing them all pulls in
+        code = ("import sys, ksmtuned.cli, ksmtuned.daemon, ksmtuned.report, ksmtuned.config\n"
+                "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+                "('pydantic', 'pydantic_core', 'prometheus_client', 'email') or m == 'importlib.metadata'))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

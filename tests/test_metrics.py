@@ -200,7 +200,7 @@ def test_prometheus_client_is_imported_only_when_metrics_are_configured(tmp_path
         "from ksmtuned.report import make_observers\n"
         "make_observers(Settings(), state_path=None)\n"
         "print('prometheus_client' in sys.modules)\n"
-        f"make_observers(Settings(KSM_METRICS_TEXTFILE={str(tmp_path / 'm.prom')!r}), state_path=None)\n"
+        f"make_observers(Settings.from_aliases({{'KSM_METRICS_TEXTFILE': {str(tmp_path / 'm.prom')!r}}}), state_path=None)\n"
         "print('prometheus_client' in sys.modules)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=30)
