@@ -10,7 +10,6 @@ import errno
 import fcntl
 import os
 import stat
-from pathlib import Path
 
 from .errors import AlreadyRunningError, KsmtunedError, NotRunningError
 
@@ -18,7 +17,7 @@ PROCESS_NAME = "ksmtuned"
 
 
 class PidFile:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self._fd: int | None = None
 
@@ -68,7 +67,7 @@ class PidFile:
         self._fd = None
 
 
-def read_pid(path: str | Path) -> int | None:
+def read_pid(path: str | os.PathLike) -> int | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -80,11 +79,12 @@ def read_pid(path: str | Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def lock_holders(path: str | Path, procfs: Path = Path("/proc")) -> set[int]:
+def lock_holders(path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> set[int]:
     """Pids holding a flock on the file, from /proc/locks."""
     try:
         st = os.stat(path, follow_symlinks=False)
-        text = (procfs / "locks").read_text()
+        with open(os.path.join(procfs, "locks")) as f:
+            text = f.read()
     except OSError:
         return set()
     wanted = f":{st.st_ino}"
@@ -101,16 +101,18 @@ def lock_holders(path: str | Path, procfs: Path = Path("/proc")) -> set[int]:
     return holders
 
 
-def running_daemon(path: str | Path, procfs: Path = Path("/proc")) -> int:
+def running_daemon(path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> int:
     """The pid of the live ksmtuned that owns the pid file, verified, else NotRunningError.
 
     Never trust the file's number alone: the process must be named ksmtuned and hold the lock.
+    Plain os.path, not pathlib: this is `retune`'s whole work, and pathlib costs it ~3 ms to import.
     """
     pid = read_pid(path)
     if pid is None:
         raise NotRunningError(f"ksmtuned is not running (no valid pid file at {path})")
     try:
-        comm = (procfs / str(pid) / "comm").read_text().strip()
+        with open(os.path.join(procfs, str(pid), "comm")) as f:
+            comm = f.read().strip()
     except OSError:
         raise NotRunningError(f"ksmtuned is not running (stale pid file {path} names pid {pid}, which is gone)") from None
     if comm != PROCESS_NAME or pid not in lock_holders(path, procfs):
