@@ -196,3 +196,84 @@ def test_the_import_check_sees_a_heavy_import():
     """The same check on `retune --help`, which takes the full parser: argparse shows up."""
     modules, r = imported_by("retune", "--help")
     assert r.returncode == 0 and "argparse" in modules
+
+
+# --- who holds the pid file's lock: the holder's own fdinfo, else /proc/locks -----------------
+
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+other = os.open(sys.argv[2], os.O_RDONLY)  # open, not locked
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """A process holding an exclusive flock on tmp_path/locked.pid, with tmp_path/open.pid merely open."""
+    locked, opened = tmp_path / "locked.pid", tmp_path / "open.pid"
+    opened.write_text("")
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(locked), str(opened)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline() == "locked\n"
+        yield p.pid, locked, opened
+    finally:
+        p.kill()
+        p.wait()
+
+
+def fake_procfs(root: Path, pid: int, locks: str | None, fds: bool) -> Path:
+    """A procfs where PID is the real /proc/PID (fds=True) or only its comm, and `locks` says what it's told."""
+    d = root / "fakeproc"
+    d.mkdir(parents=True)
+    if fds:
+        (d / str(pid)).symlink_to(f"/proc/{pid}")
+    else:
+        (d / str(pid)).mkdir()
+        (d / str(pid) / "comm").write_text("ksmtuned\n")
+    if locks is not None:
+        (d / "locks").write_text(locks)
+    return d
+
+
+def test_lock_holder_seen_in_its_fdinfo_and_in_proc_locks(holder, tmp_path):
+    from ksmtuned.pidfile import holds_lock, lock_holders
+
+    pid, locked, opened = holder
+    assert holds_lock(pid, locked) and pid in lock_holders(locked)
+    assert not holds_lock(pid, opened) and not holds_lock(os.getpid(), locked)
+    # the process's own fdinfo is enough: a /proc/locks that shows nothing does not matter
+    assert holds_lock(pid, locked, fake_procfs(tmp_path, pid, locks="", fds=True))
+
+
+def test_proc_locks_decides_when_the_descriptors_cannot_be_read(holder, tmp_path):
+    from ksmtuned.pidfile import holds_lock
+
+    pid, locked, _ = holder
+    with open("/proc/locks") as f:
+        real = f.read()
+    assert holds_lock(pid, locked, fake_procfs(tmp_path / "a", pid, locks=real, fds=False))
+    assert not holds_lock(pid, locked, fake_procfs(tmp_path / "b", pid, locks="", fds=False))
+    assert not holds_lock(pid, locked, fake_procfs(tmp_path / "c", pid, locks=None, fds=False))
+
+
+def test_running_daemon_through_fdinfo_alone(holder, tmp_path):
+    """A pid file naming a process called ksmtuned that holds its lock (seen only in fdinfo here)."""
+    from ksmtuned.errors import NotRunningError
+    from ksmtuned.pidfile import running_daemon
+
+    pid, locked, _ = holder
+    locked.write_text(f"{pid}\n")
+    procfs = tmp_path / "p"
+    procfs.mkdir()
+    (procfs / str(pid)).mkdir()
+    (procfs / str(pid) / "comm").write_text("ksmtuned\n")
+    (procfs / str(pid) / "fd").symlink_to(f"/proc/{pid}/fd")
+    (procfs / str(pid) / "fdinfo").symlink_to(f"/proc/{pid}/fdinfo")
+    (procfs / "locks").write_text("")
+    assert running_daemon(locked, procfs) == pid
+    (procfs / str(pid) / "comm").write_text("python3\n")
+    with pytest.raises(NotRunningError, match=r"\(python3\), which is not a ksmtuned holding that pid file"):
+        running_daemon(locked, procfs)
