@@ -10,7 +10,6 @@ import errno
 import fcntl
 import os
 import stat
-from pathlib import Path
 
 from .errors import AlreadyRunningError, KsmtunedError, NotRunningError
 
@@ -18,7 +17,7 @@ PROCESS_NAME = "ksmtuned"
 
 
 class PidFile:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         self._fd: int | None = None
 
@@ -68,7 +67,7 @@ class PidFile:
         self._fd = None
 
 
-def read_pid(path: str | Path) -> int | None:
+def read_pid(path: str | os.PathLike) -> int | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -80,16 +79,22 @@ def read_pid(path: str | Path) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def lock_holders(path: str | Path, procfs: Path = Path("/proc")) -> set[int]:
+def lock_holders(path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> set[int]:
     """Pids holding a flock on the file, from /proc/locks."""
     try:
         st = os.stat(path, follow_symlinks=False)
-        text = (procfs / "locks").read_text()
+        with open(os.path.join(procfs, "locks")) as f:
+            text = f.read()
     except OSError:
         return set()
+    return _flock_holders(text.splitlines(), st)
+
+
+def _flock_holders(lines: list[str], st: os.stat_result) -> set[int]:
+    """Pids of the FLOCK lines (/proc/locks' format) on the file that st describes."""
     wanted = f":{st.st_ino}"
     holders = set()
-    for line in text.splitlines():
+    for line in lines:
         parts = line.split()
         if "->" in parts:
             continue  # a waiter, not a holder
@@ -101,19 +106,51 @@ def lock_holders(path: str | Path, procfs: Path = Path("/proc")) -> set[int]:
     return holders
 
 
-def running_daemon(path: str | Path, procfs: Path = Path("/proc")) -> int:
+def holds_lock(pid: int, path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> bool:
+    """Whether the process holds a flock on the file.
+
+    Asked of the process itself first: /proc/PID/fdinfo/N lists, in /proc/locks' format, the
+    locks held through descriptor N (Linux >= 4.1).  Reading /proc/locks takes the kernel's
+    file-lock rwsem for writing, which waits for an RCU grace period: 8-14 ms measured on an
+    idle 2-CPU VM, a third of an installed `retune`.  /proc/locks still decides when the
+    descriptors show no such lock (a kernel before 4.1, a non-root caller that may not look into
+    the daemon's /proc/PID/fd, a test's procfs without fd directories), so the answer is the same.
+    """
+    base = os.path.join(procfs, str(pid))
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        fds = os.listdir(os.path.join(base, "fd"))
+    except OSError:
+        fds = []
+    for fd in fds:
+        try:
+            target = os.stat(os.path.join(base, "fd", fd))
+            if (target.st_dev, target.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            with open(os.path.join(base, "fdinfo", fd)) as f:
+                lines = [line[len("lock:"):] for line in f.read().splitlines() if line.startswith("lock:")]
+        except OSError:
+            continue  # closed meanwhile
+        if pid in _flock_holders(lines, st):
+            return True
+    return pid in lock_holders(path, procfs)
+
+
+def running_daemon(path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> int:
     """The pid of the live ksmtuned that owns the pid file, verified, else NotRunningError.
 
     Never trust the file's number alone: the process must be named ksmtuned and hold the lock.
+    Plain os.path, not pathlib: this is `retune`'s whole work, and pathlib costs it ~3 ms to import.
     """
     pid = read_pid(path)
     if pid is None:
         raise NotRunningError(f"ksmtuned is not running (no valid pid file at {path})")
     try:
-        comm = (procfs / str(pid) / "comm").read_text().strip()
+        with open(os.path.join(procfs, str(pid), "comm")) as f:
+            comm = f.read().strip()
     except OSError:
         raise NotRunningError(f"ksmtuned is not running (stale pid file {path} names pid {pid}, which is gone)") from None
-    if comm != PROCESS_NAME or pid not in lock_holders(path, procfs):
+    if comm != PROCESS_NAME or not holds_lock(pid, path, procfs):
         raise NotRunningError(
             f"ksmtuned is not running: pid file {path} names pid {pid} ({comm}), which is not a ksmtuned "
             "holding that pid file; not signalling it"
