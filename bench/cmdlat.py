@@ -13,15 +13,11 @@ start (`python -c pass`) is measured alongside as its floor.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import subprocess
 import sysconfig
 import tempfile
 import time
-import tomllib
-import zipfile
 from pathlib import Path
 
 from . import common
@@ -31,40 +27,12 @@ RETUNE_TARGET_MS = 60.0
 DEV = "dev venv: "  # prefix of the rows measured in the project's editable venv
 
 
-def _wheel(repo: Path, out: Path) -> Path:
-    """A pure-Python wheel of the checkout's package, assembled here (PEP 427).
-
-    Not `pip wheel`: the pyproject asks for setuptools>=77 (PEP 639 license), which an offline
-    venv may not have, and build isolation would download it.  The wheel holds what setuptools
-    would put in it for `packages = ["ksmtuned"]` (the package's .py files, no data files) and
-    the console scripts; pip then installs it as for any user: bytecode and scripts are pip's.
-    """
-    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
-    name, version = project["name"], project["version"]
-    info = f"{name}-{version}.dist-info"
-    files = {f"{name}/{f.name}": f.read_bytes() for f in sorted((repo / name).glob("*.py"))}
-    files[f"{info}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: ksmtuned-bench\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    files[f"{info}/entry_points.txt"] = ("[console_scripts]\n" + "".join(
-        f"{script} = {target}\n" for script, target in project.get("scripts", {}).items())).encode()
-
-    def digest(data: bytes) -> str:
-        return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-    files[f"{info}/RECORD"] = ("".join(f"{n},{digest(d)},{len(d)}\n" for n, d in files.items())
-                               + f"{info}/RECORD,,\n").encode()
-    wheel = out / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as z:
-        for n, d in files.items():
-            z.writestr(n, d)
-    return wheel
-
-
 def install_copy(workdir: Path) -> Path:
     """A throwaway venv on this interpreter with the checkout installed (not editable); its bin dir.
 
-    pip installs the wheel with `--python` into a venv created without pip (a second or two,
-    offline).  The dependencies (pydantic, psutil... for `status` and `--once`) come from the
+    `pip wheel` builds the checkout with the running Python's setuptools (no build isolation:
+    offline; .ci/run installs the setuptools the pyproject asks for), and pip installs that wheel
+    with `--python` into a venv created without pip (a few seconds).  The dependencies (pydantic, psutil... for `status` and `--once`) come from the
     project's venv through a .pth line: a plain path entry, so none of that venv's own .pth
     files (the editable finder) runs.  Raises RuntimeError when it cannot be built.
     """
@@ -72,10 +40,14 @@ def install_copy(workdir: Path) -> Path:
     try:
         subprocess.run([common.python(), "-m", "venv", "--without-pip", str(venv)], check=True,
                        capture_output=True, text=True, timeout=120)
-        wheel = _wheel(common.REPO, workdir)
-        subprocess.run([common.python(), "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                        "--no-deps", "--no-index", "--no-cache-dir", "--disable-pip-version-check", "-q", str(wheel)],
-                       check=True, capture_output=True, text=True, timeout=300)
+        pip = [common.python(), "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "--no-cache-dir",
+                        "-w", str(workdir), str(common.REPO)],
+                       check=True, capture_output=True, text=True, timeout=300, cwd=workdir)
+        wheel = next(workdir.glob("ksmtuned-*.whl"))
+        subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", "--no-index",
+                        "--no-cache-dir", str(wheel)],
+                       check=True, capture_output=True, text=True, timeout=300, cwd=workdir)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"{' '.join(e.cmd)} failed (exit {e.returncode}): {e.stderr.strip()[-2000:]}") from None
     py = str(venv / "bin" / "python")
