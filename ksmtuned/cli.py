@@ -177,7 +177,13 @@ def cmd_retune(args) -> int:
             return ExitCode.OK
         print(f"ksmtuned: {e}", file=sys.stderr)
         return e.exit_code
-    os.kill(pid, signal.SIGUSR1)
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except PermissionError:
+        # the daemon runs as root; --quiet does not hide this: a hook that cannot retune must say so
+        print(f"ksmtuned: cannot signal the daemon (pid {pid}, from {path}): permission denied; "
+              "run as root", file=sys.stderr)
+        return ExitCode.NO_PERMISSION
     return ExitCode.OK
 
 

@@ -504,3 +504,21 @@ def test_unit_conflicts_with_mom():
         pytest.skip("systemd/ksmtuned.service not written yet")
     conflicts = " ".join(l.split("=", 1)[1] for l in unit.read_text().splitlines() if l.startswith("Conflicts="))
     assert "mom-vdsm.service" in conflicts.split() and "momd.service" in conflicts.split()
+
+
+@root
+@pytest.mark.parametrize("quiet", [False, True])
+def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
+    """A non-root user may read the pid file and find the daemon, but not signal root's process."""
+    tmp_path.chmod(0o755)
+    from tests.daemon_support import DaemonProc
+
+    with DaemonProc(tmp_path) as d:
+        d.pidfile.chmod(0o644)
+        ticks = d.ticks()
+        r = as_nobody(*KSMTUNED, "retune", *(["--quiet"] if quiet else []), "--pidfile", str(d.pidfile))
+        assert r.returncode == 77, r.stderr
+        assert r.stderr.strip() == (f"ksmtuned: cannot signal the daemon (pid {d.pid}, from {d.pidfile}): "
+                                    "permission denied; run as root")
+        time.sleep(0.2)
+        assert d.ticks() == ticks  # nothing was signalled
