@@ -153,7 +153,7 @@ class Daemon:
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
         fields = meminfo.read_meminfo(self.meminfo_path)
         free = meminfo.free_kib(fields, self.settings.free_metric, str(self.meminfo_path))
-        guests = self.guest_finder.scan()
+        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 

@@ -404,6 +404,47 @@ def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     assert gs["big"].ksm_merging_pages == 5 and gs["big"].ksm_profit_bytes == 100 and gs["big"].ksm_mergeable
 
 
+def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_path, caplog):
+    """The daemon passes the /proc/meminfo it read for the tick; the finder reads it only without."""
+    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+               rss_pages=65536, thp_kib=200 * 1024)
+    (fakeproc / "meminfo").write_text("MemTotal: 1000000 kB\nAnonHugePages: 0 kB\n")
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+        # its own reading: no THP on the host, so no smaps_rollup walk and no warning
+        [g] = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path).scan()
+        assert g.thp_kib is None
+        # the caller's reading wins over the file
+        finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
+        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 0})
+        assert g.thp_kib is None
+        assert not caplog.records
+        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 4096})
+        assert g.thp_kib == 200 * 1024 and g.thp_warning
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_path, caplog):
+    from ksmtuned.config import build_settings
+    from ksmtuned.daemon import Daemon
+    from ksmtuned.ksm import KsmSysfs
+    from tests.daemon_support import fake_ksm_dir
+    from tests.faultrig import meminfo_text
+
+    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+               rss_pages=65536, thp_kib=200 * 1024)
+    (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 0 kB\n")
+    loaded = build_settings([], {"KSM_GUEST_MATCH": "debian"}, "none")
+    d = Daemon(loaded, KsmSysfs(fake_ksm_dir(tmp_path)), procfs=fakeproc, run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [None] and report.error is None
+        assert not caplog.records
+        (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 4096 kB\n")
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [200 * 1024]
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
+
+
 def test_a_fork_of_a_guest_is_not_a_second_guest(fakes, tmp_path):
     """QEMU forks to run helper scripts: before exec, the child looks exactly like its guest."""
     code = textwrap.dedent("""
