@@ -1,4 +1,4 @@
-"""Which processes are guests, and how much memory they hold.  The only psutil user.
+"""Which processes are guests, and how much memory they hold.
 
 A guest is a process that one of the configured matchers (``KSM_GUEST_MATCH``) claims:
 
@@ -26,7 +26,7 @@ under (pid, start time): a pid reused by a new process never inherits the old ve
 young process that still runs its parent's command line may not have called exec() yet
 (libvirt holds QEMU's child before exec while its hooks run): it is read again each scan
 until it is YOUNG_S old.
-Memory is read only for guests: RSS and VSZ each scan (psutil), ``ksm_stat`` each scan,
+Memory is read only for guests: RSS and VSZ each scan (``statm``), ``ksm_stat`` each scan,
 ``smaps_rollup`` (PSS, THP; the kernel walks every page table for it) only when the PSS metric
 or the ``guests`` command needs it; else, for the THP warning, once per guest every
 ``rollup_interval_s`` until it warned, and only while ``/proc/meminfo`` shows any
@@ -42,8 +42,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
-
-import psutil
 
 from .procfs import read_bytes
 
@@ -217,7 +215,6 @@ class _Proc:
     argv: tuple[str, ...]
     claims: tuple[str, ...]  # matchers claiming it by comm/command line
     young: bool  # classified before it could be sure exec() was done
-    ps: psutil.Process | None = None
     thp_warned: bool = False
     next_rollup: float = 0.0
 
@@ -242,6 +239,7 @@ class GuestFinder:
         self._proc = str(self.procfs)
         self.run_dir = Path(run_dir)
         self.matchers = [make_matcher(m) for m in matchers]
+        self._pidfile_dirs = [(m.name, str(self.run_dir / m.pidfile_dir)) for m in self.matchers if m.pidfile_dir]
         self.metric = metric
         self.rollup_interval_s = rollup_interval_s
         self.clock = clock
@@ -535,10 +533,7 @@ class GuestFinder:
         started after the pid file was written, or is no QEMU.
         """
         claims: dict[int, list[tuple[str, str]]] = {}
-        for matcher in self.matchers:
-            if matcher.pidfile_dir is None:
-                continue
-            directory = self.run_dir / matcher.pidfile_dir
+        for matcher_name, directory in self._pidfile_dirs:
             try:
                 with os.scandir(directory) as it:
                     entries = [e for e in it if e.name.endswith(".pid") and e.is_file(follow_symlinks=False)]
@@ -565,7 +560,7 @@ class GuestFinder:
                 started_s = self._boot_time_s() + entry.start_ticks / CLK_TCK
                 if started_s > st.st_mtime + 2.0:  # started after the pid file was written: a reused pid
                     continue
-                claims.setdefault(pid, []).append((matcher.name, e.path))
+                claims.setdefault(pid, []).append((matcher_name, e.path))
         if len(self._pidfiles) > 1024:
             self._pidfiles.clear()
         return claims
@@ -581,17 +576,15 @@ class GuestFinder:
 
     def _measure(self, entry: _Proc, matchers: tuple[str, ...], pidfile: str | None, details: bool,
                  now: float) -> Guest | None:
-        psutil.PROCFS_PATH = self._proc
         try:
-            if entry.ps is None:
-                entry.ps = psutil.Process(entry.pid)
-            mem = entry.ps.memory_info()
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError, FileNotFoundError):
+            # statm: size (VSZ) and resident (RSS) in pages, what ps and psutil report
+            vsz_pages, rss_pages = read_bytes(f"{self._proc}/{entry.pid}/statm").split()[:2]
+        except (FileNotFoundError, ProcessLookupError):
             self._forget(entry.pid)  # exited: skipped, not an error
             return None
-        except (psutil.AccessDenied, OSError):
+        except OSError:
             return None
-        rss_kib, vsz_kib = mem.rss // 1024, mem.vms // 1024
+        rss_kib, vsz_kib = int(rss_pages) * PAGE_KIB, int(vsz_pages) * PAGE_KIB
         pss_kib = thp_kib = None
         if details or self.metric == "pss" or (
                 not entry.thp_warned and now >= entry.next_rollup and self._thp_in_use()):
