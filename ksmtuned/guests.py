@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .procfs import read_bytes
+from .procfs import read_bytes, read_record
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class GuestFinder:
             return list(range(last + 1, now + 1)) if now - last <= MAX_NEW_PIDS else None
         if self._pid_max is None:  # wrapped around pid_max
             try:
-                self._pid_max = int(read_bytes(f"{self._proc}/sys/kernel/pid_max"))
+                self._pid_max = int(read_record(f"{self._proc}/sys/kernel/pid_max"))
             except (OSError, ValueError):
                 return None
         # the kernel restarts above 300 after a wrap (RESERVED_PIDS); count from 1 to be safe
@@ -390,7 +390,7 @@ class GuestFinder:
 
     def _pid_cursor(self) -> tuple[bytes, bytes] | None:
         try:
-            fields = read_bytes(f"{self._proc}/loadavg").split()
+            fields = read_record(f"{self._proc}/loadavg").split()
             return fields[3].partition(b"/")[2], fields[4]
         except (OSError, IndexError):
             return None  # no such file (a fake procfs): list /proc every scan
@@ -488,7 +488,7 @@ class GuestFinder:
 
     def _read_stat(self, pid: int) -> tuple[int, int, str, bool]:
         """(start time in clock ticks since boot, parent pid, comm, thread group leader?)."""
-        data = read_bytes(f"{self._proc}/{pid}/stat")
+        data = read_record(f"{self._proc}/{pid}/stat")
         # comm may hold spaces and parentheses: it ends at the last ')'
         head, _, tail = data.rpartition(b")")
         comm = head.partition(b"(")[2].decode(errors="replace")
@@ -507,7 +507,7 @@ class GuestFinder:
 
     def _uptime_s(self) -> float:
         try:
-            return float(read_bytes(f"{self._proc}/uptime").split()[0])
+            return float(read_record(f"{self._proc}/uptime").split()[0])
         except (OSError, ValueError, IndexError):
             return float("inf")  # unknown: treat every process as old
 
@@ -578,7 +578,7 @@ class GuestFinder:
                  now: float) -> Guest | None:
         try:
             # statm: size (VSZ) and resident (RSS) in pages, what ps and psutil report
-            vsz_pages, rss_pages = read_bytes(f"{self._proc}/{entry.pid}/statm").split()[:2]
+            vsz_pages, rss_pages = read_record(f"{self._proc}/{entry.pid}/statm").split()[:2]
         except (FileNotFoundError, ProcessLookupError):
             self._forget(entry.pid)  # exited: skipped, not an error
             return None
@@ -636,7 +636,7 @@ def _read_pid(path: str) -> int | None:
 def _read_keyed(path: str) -> dict | None:
     """'Key: N kB' (smaps_rollup) or 'key N' / 'key: yes' (ksm_stat) lines; None if unreadable."""
     try:
-        data = read_bytes(path)
+        data = read_record(path)
     except OSError:
         return None
     out: dict = {}

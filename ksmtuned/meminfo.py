@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from .errors import MeminfoError
-from .procfs import read_bytes
+from .procfs import read_record
 
 DEFAULT_MEMINFO = Path("/proc/meminfo")
 CLASSIC_FREE_FIELDS = ("MemFree", "Buffers", "Cached")
@@ -57,7 +57,7 @@ def _parse_strictly(text: str, filename: str) -> dict[str, int]:
 
 def read_meminfo(path: Path = DEFAULT_MEMINFO) -> dict[str, int]:
     try:
-        text = read_bytes(path).decode(errors="replace")
+        text = read_record(path).decode(errors="replace")
     except OSError as e:
         raise MeminfoError(f"{path}: cannot read: {e.strerror}", path=str(path), errno=e.errno) from None
     return parse_meminfo(text, str(path))

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import __version__
 from .guests import Guest
 from .ksm import DEFAULT_SYSFS, KsmSysfs
-from .procfs import read_bytes
+from .procfs import read_record
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,14 @@ def read_proc_stat(procfs: Path, pid: int | str) -> tuple[str, list[str]]:
     comm may contain spaces and parentheses: it is everything between the first '(' and
     the last ')'.  Raises OSError or ValueError.
     """
-    raw = read_bytes(f"{procfs}/{pid}/stat").decode()
+    raw = read_record(f"{procfs}/{pid}/stat").decode()
     left, right = raw.index("("), raw.rindex(")")
     return raw[left + 1:right], raw[right + 2:].split()
 
 
 def system_uptime_s(procfs: Path = Path("/proc")) -> float | None:
     try:
-        return float(read_bytes(f"{procfs}/uptime").split()[0])
+        return float(read_record(f"{procfs}/uptime").split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
