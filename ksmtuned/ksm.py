@@ -11,6 +11,7 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
 from .procfs import read_bytes
@@ -73,6 +74,10 @@ class KsmSysfs:
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def file(self, name: str) -> str:
+        """The path of a KSM file as a string (what :meth:`counters` takes in ``known``)."""
+        return self._prefix + name
 
     def preflight(self, need_write: bool = True) -> None:
         """Clear errors before the first tick: no KSM -> 69, not root -> 77."""
@@ -146,22 +151,27 @@ class KsmSysfs:
         except KernelInterfaceError:
             return False
 
-    def counters(self) -> dict[str, int | str]:
+    def counters(self, known: Mapping[str, str] | None = None) -> dict[str, int | str]:
         """Every counter and knob the kernel offers, as ints where they are numbers
         (advisor_mode: its selected word).
 
         Read every tick by the state file and metrics, so kept cheap: one open and one read per
         file, and only the files found present last time (all are probed again after a failure).
+        ``known``: values the caller read or wrote a moment ago, by :meth:`file` path (the
+        daemon's knobs after its writes); those files are not read again.
         """
         out: dict[str, int | str] = {}
         failed = False
         prefix = self._prefix
+        known = known or {}
         for name in self._present if self._present is not None else COUNTERS + KNOBS:
-            try:
-                text = _selected(read_bytes(prefix + name, limit=4096, nonblock=True).decode(errors="replace").strip())
-            except OSError:
-                failed = True
-                continue
+            text = known.get(prefix + name)
+            if text is None:
+                try:
+                    text = _selected(read_bytes(prefix + name, limit=4096, nonblock=True).decode(errors="replace").strip())
+                except OSError:
+                    failed = True
+                    continue
             try:
                 out[name] = int(text)
             except ValueError:

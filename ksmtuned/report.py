@@ -240,7 +240,7 @@ class Reporter:
         self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
-        ksm = self.sysfs.counters()
+        ksm = self.sysfs.counters(known=report.knobs)  # the knobs as apply() left them
         limits = report.limits
         guests = tuple(_guest_data(g, settings.ps_metric) for g in report.guests)
         ksmd_cpu_s = self.ksmd.cpu_seconds()
