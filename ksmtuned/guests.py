@@ -239,6 +239,7 @@ class GuestFinder:
         self._proc = str(self.procfs)
         self.run_dir = Path(run_dir)
         self.matchers = [make_matcher(m) for m in matchers]
+        self._matcher_names = tuple(m.name for m in self.matchers)
         self._pidfile_dirs = [(m.name, str(self.run_dir / m.pidfile_dir)) for m in self.matchers if m.pidfile_dir]
         self.metric = metric
         self.rollup_interval_s = rollup_interval_s
@@ -276,7 +277,7 @@ class GuestFinder:
 
     @property
     def matcher_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.matchers)
+        return self._matcher_names
 
     # --- the scan ------------------------------------------------------------------------
     def scan(self, details: bool = False, meminfo: Mapping[str, int] | None = None) -> list[Guest]:
@@ -296,12 +297,15 @@ class GuestFinder:
             entry = self._cache.get(pid)
             if entry is None or pid == self._self_pid:
                 continue
-            claims = set(entry.claims)
             pidfile = None
-            for matcher_name, path in by_pidfile.get(pid, ()):
-                claims.add(matcher_name)
-                pidfile = pidfile or path
-            ordered = tuple(m for m in self.matcher_names if m in claims)
+            if pid in by_pidfile:
+                claims = set(entry.claims)
+                for matcher_name, path in by_pidfile[pid]:
+                    claims.add(matcher_name)
+                    pidfile = pidfile or path
+                ordered = tuple(m for m in self._matcher_names if m in claims)
+            else:
+                ordered = entry.claims  # already in the configured order
             if ordered:
                 guest = self._measure(entry, ordered, pidfile, details, now)
                 if guest is not None:

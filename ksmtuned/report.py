@@ -31,6 +31,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 DECISION_KINDS = ("stop", "boost", "decay", "error")
+#: json.dumps(x, separators=(",", ":")) without building a new encoder for every call
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # --- /proc readers -------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class Reporter:
         self._metrics_settings = None
         if self.state_path is not None:
             for entry in read_history(self.state_path):
-                self.history.append(json.dumps(entry, separators=(",", ":")))
+                self.history.append(_compact_json(entry))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -263,7 +265,7 @@ class Reporter:
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(json.dumps(data.history_entry(), separators=(",", ":")))
+        self.history.append(_compact_json(data.history_entry()))
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
