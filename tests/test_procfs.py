@@ -19,14 +19,18 @@ def _python_read(path) -> bytes:
 
 @pytest.mark.parametrize("name", ["stat", "statm", "status", "cmdline"])
 def test_a_process_file_reads_as_open_reads_it(name):
-    # a sleeping process: its files do not change between the two reads
-    p = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "x" * 5000],
-                         stdin=subprocess.PIPE)
+    # a process asleep in read(): its files do not change between the two reads
+    p = subprocess.Popen([sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()",
+                          "x" * 5000], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
+        assert p.stdout.readline() == b"ready\n"
         path = f"/proc/{p.pid}/{name}"
-        expected = _python_read(path)
         reader = read_bytes if name == "cmdline" else read_record
-        assert reader(path) == expected
+        for _ in range(100):  # until the file held still around our read (the child may still run)
+            before, got, after = _python_read(path), reader(path), _python_read(path)
+            if before == after:
+                break
+        assert got == before == after
     finally:
         p.communicate(b"")
 
