@@ -418,7 +418,7 @@ class GuestFinder:
         """
         self.classified += 1
         try:
-            start_ticks, ppid, comm, leader = self._read_stat(pid)
+            start_ticks, ppid, comm, state, leader = self._read_stat(pid)
             if not leader:
                 self._forget(pid)  # a process that had this pid has exited
                 return False
@@ -450,10 +450,11 @@ class GuestFinder:
             # or QEMU's -daemonize child, which is the guest once its parent has exited (the
             # look again below sees it reparented).
             claims = ()
-        # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie, or a
-        # process caught inside execve() (comm already the new program's, cmdline not yet):
-        # the last must be looked at again, or a guest caught so is never counted.
-        mid_exec = (not argv and ppid not in (0, 2)) or exec_raced
+        # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie (state
+        # Z, or X on its way out), or a process caught inside execve() (comm already the new
+        # program's, cmdline not yet): the last must be looked at again, or a guest caught so is
+        # never counted.  A zombie never runs again: looking at it again each scan is waste.
+        mid_exec = (not argv and ppid not in (0, 2) and state not in ("Z", "X")) or exec_raced
         young = (forked and not claims or mid_exec) and (self._scan_ticks() - start_ticks) < YOUNG_S * CLK_TCK
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
@@ -490,8 +491,8 @@ class GuestFinder:
         except OSError:
             return None
 
-    def _read_stat(self, pid: int) -> tuple[int, int, str, bool]:
-        """(start time in clock ticks since boot, parent pid, comm, thread group leader?)."""
+    def _read_stat(self, pid: int) -> tuple[int, int, str, str, bool]:
+        """(start time in clock ticks since boot, parent pid, comm, state letter, thread group leader?)."""
         data = read_record(f"{self._proc}/{pid}/stat")
         # comm may hold spaces and parentheses: it ends at the last ')'
         head, _, tail = data.rpartition(b")")
@@ -501,7 +502,7 @@ class GuestFinder:
         # copy_process() for CLONE_THREAD; de_thread() gives the leader's SIGCHLD to a thread
         # that execs): the process/thread test without reading /proc/PID/status.
         leader = len(fields) < 36 or fields[35] != b"-1"
-        return int(fields[19]), int(fields[1]), comm, leader
+        return int(fields[19]), int(fields[1]), comm, fields[0].decode(errors="replace"), leader
 
     def _read_argv(self, pid: int) -> tuple[str, ...]:
         raw = read_bytes(f"{self._proc}/{pid}/cmdline")

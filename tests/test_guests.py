@@ -387,6 +387,23 @@ def test_unchanged_process_table_reads_no_command_line(fakeproc, tmp_path):
     assert [g.pid for g in finder.scan()] == [10]  # ... but /proc/11 is the same directory
 
 
+def test_a_zombie_is_not_looked_at_again(tmp_path):
+    """A zombie's command line is empty, as a process's inside execve(); but a zombie never
+    runs again, so it is not read again each scan as a maybe-exec'ing process is."""
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        finder.scan()
+        assert child.pid in finder._cache and child.pid not in finder._young
+        assert child.pid not in {g.pid for g in finder.scan()} and child.pid not in finder._young
+    finally:
+        child.wait()
+
+
 def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
                rss_pages=65536, thp_kib=200 * 1024)
