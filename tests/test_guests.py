@@ -21,7 +21,7 @@ import pytest
 
 from ksmtuned.config import load_config
 from ksmtuned.errors import ConfigError
-from ksmtuned.guests import Guest, GuestFinder, committed_kib, guest_name, make_matcher
+from ksmtuned.guests import CLK_TCK, Guest, GuestFinder, committed_kib, guest_name, make_matcher
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
@@ -327,10 +327,10 @@ BOOT = 1_700_000_000
 
 
 def _fake_proc(procfs: Path, pid: int, comm: str, argv: list[str], start_ticks: int, rss_pages: int = 2560,
-               thp_kib: int = 0) -> None:
+               thp_kib: int = 0, ppid: int = 1) -> None:
     d = procfs / str(pid)
-    d.mkdir(parents=True)
-    stat = [str(pid), f"({comm})", "S", "1"] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
+    d.mkdir(parents=True, exist_ok=True)
+    stat = [str(pid), f"({comm})", "S", str(ppid)] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
     (d / "stat").write_text(" ".join(stat) + "\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "statm").write_text(f"{rss_pages * 2} {rss_pages} 0 0 0 0 0\n")
@@ -385,6 +385,25 @@ def test_unchanged_process_table_reads_no_command_line(fakeproc, tmp_path):
     assert [g.pid for g in finder.scan()] == [10]
     (fakeproc / "loadavg").write_text("0.00 0.00 0.00 1/100 4243\n")  # a pid was allocated
     assert [g.pid for g in finder.scan()] == [10]  # ... but /proc/11 is the same directory
+
+
+@pytest.mark.parametrize("after_exec", [
+    ("bash", ["qemu-system-x86_64", "-enable-kvm"]),  # a new command line, the same name
+    ("qemu-kvm", ["bash", "/usr/lib/hook"]),  # a new name, the same command line
+])
+def test_a_young_fork_that_execs_is_seen_at_the_next_scan(fakeproc, tmp_path, after_exec):
+    """A forked child still runs its parent's program and is looked at again each scan while
+    young; an exec that changes its name or its command line alone is seen."""
+    young = 100000 * CLK_TCK - 5 * CLK_TCK  # started 5 s ago (uptime 100000 s)
+    _fake_proc(fakeproc, 30, "bash", ["bash", "/usr/lib/hook"], 1000)
+    _fake_proc(fakeproc, 31, "bash", ["bash", "/usr/lib/hook"], young, ppid=30)
+    finder = GuestFinder(procfs=fakeproc, matchers=["redhat", "debian"], run_dir=tmp_path)
+    assert finder.scan() == [] and 31 in finder._young
+    assert finder.scan() == [] and 31 in finder._young  # looked at again: nothing changed
+    comm, argv = after_exec
+    _fake_proc(fakeproc, 31, comm, argv, young, ppid=30)  # no new pid: only the look again sees it
+    assert [g.pid for g in finder.scan()] == [31]
+    assert 31 not in finder._young
 
 
 def test_a_zombie_is_not_looked_at_again(tmp_path):
