@@ -44,6 +44,8 @@ class TickReport:
     free_kib: int | None = None
     committed_kib: int | None = None
     error: str | None = None
+    #: KSM files as apply() left them (path -> value, read or written): the state file need not read them again
+    knobs: dict[str, str] = field(default_factory=dict)
 
 
 Observer = Callable[[TickReport], None]
@@ -150,7 +152,7 @@ class Daemon:
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
         fields = meminfo.read_meminfo(self.meminfo_path)
         free = meminfo.free_kib(fields, self.settings.free_metric, str(self.meminfo_path))
-        guests = self.guest_finder.scan()
+        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 
@@ -171,7 +173,7 @@ class Daemon:
             # the next tick writes again whatever still differs.
             self.npages = decision.npages
             try:
-                report.writes = self.apply(decision)
+                report.writes = self.apply(decision, known=report.knobs)
             finally:
                 self.debug_log.write(tick_lines(decision))
             self._log_change(decision, report.writes)
@@ -214,8 +216,12 @@ class Daemon:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision) -> list[Write]:
-        """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs."""
+    def apply(self, decision: Decision, known: dict[str, str] | None = None) -> list[Write]:
+        """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
+
+        ``known`` receives the value each knob now holds, where apply read or wrote it.
+        """
+        known = {} if known is None else known
         if decision.run:
             wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
                       ("run", "1")]
@@ -228,6 +234,8 @@ class Daemon:
                     old = self.sysfs.read(name)
                 except KernelInterfaceError:
                     old = None
+                if old is not None:
+                    known[self.sysfs.file(name)] = old
                 if old != value:
                     writes.append(Write(name, old, value))
                     self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
@@ -247,6 +255,7 @@ class Daemon:
                     continue
                 errors.append(e)
                 continue
+            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         if self._advisor_warned and not self.sysfs.advisor_scanning():

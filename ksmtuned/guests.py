@@ -1,4 +1,4 @@
-"""Which processes are guests, and how much memory they hold.  The only psutil user.
+"""Which processes are guests, and how much memory they hold.
 
 A guest is a process that one of the configured matchers (``KSM_GUEST_MATCH``) claims:
 
@@ -26,7 +26,7 @@ under (pid, start time): a pid reused by a new process never inherits the old ve
 young process that still runs its parent's command line may not have called exec() yet
 (libvirt holds QEMU's child before exec while its hooks run): it is read again each scan
 until it is YOUNG_S old.
-Memory is read only for guests: RSS and VSZ each scan (psutil), ``ksm_stat`` each scan,
+Memory is read only for guests: RSS and VSZ each scan (``statm``), ``ksm_stat`` each scan,
 ``smaps_rollup`` (PSS, THP; the kernel walks every page table for it) only when the PSS metric
 or the ``guests`` command needs it; else, for the THP warning, once per guest every
 ``rollup_interval_s`` until it warned, and only while ``/proc/meminfo`` shows any
@@ -41,9 +41,9 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-import psutil
+from .procfs import read_bytes, read_record
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,6 @@ class _Proc:
     argv: tuple[str, ...]
     claims: tuple[str, ...]  # matchers claiming it by comm/command line
     young: bool  # classified before it could be sure exec() was done
-    ps: psutil.Process | None = None
     thp_warned: bool = False
     next_rollup: float = 0.0
 
@@ -240,6 +239,8 @@ class GuestFinder:
         self._proc = str(self.procfs)
         self.run_dir = Path(run_dir)
         self.matchers = [make_matcher(m) for m in matchers]
+        self._matcher_names = tuple(m.name for m in self.matchers)
+        self._pidfile_dirs = [(m.name, str(self.run_dir / m.pidfile_dir)) for m in self.matchers if m.pidfile_dir]
         self.metric = metric
         self.rollup_interval_s = rollup_interval_s
         self.clock = clock
@@ -262,6 +263,8 @@ class GuestFinder:
         self.classified = 0
         self._thp_checked_scan = -1
         self._thp_any = True
+        self._meminfo: Mapping[str, int] | None = None  # the caller's reading for this scan
+        self._now_ticks: float | None = None  # clock ticks since boot, as of this scan
         self._pidfiles: dict[str, tuple[tuple[int, int], int | None]] = {}  # path -> ((ino, mtime), pid)
         self._btime_s: float | None = None
         self._self_pid = os.getpid() if self.procfs == Path("/proc") else None
@@ -274,12 +277,18 @@ class GuestFinder:
 
     @property
     def matcher_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.matchers)
+        return self._matcher_names
 
     # --- the scan ------------------------------------------------------------------------
-    def scan(self, details: bool = False) -> list[Guest]:
-        """The guests now, sorted by pid.  ``details``: read PSS and THP for every guest."""
+    def scan(self, details: bool = False, meminfo: Mapping[str, int] | None = None) -> list[Guest]:
+        """The guests now, sorted by pid.  ``details``: read PSS and THP for every guest.
+
+        ``meminfo``: the host's /proc/meminfo fields, when the caller has just read them (the
+        daemon, each tick): the THP check then takes AnonHugePages from them instead of
+        reading the file a second time.
+        """
         self._scans += 1
+        self._meminfo = meminfo
         self._refresh()
         by_pidfile = self._pidfile_claims()
         now = self.clock()
@@ -288,12 +297,15 @@ class GuestFinder:
             entry = self._cache.get(pid)
             if entry is None or pid == self._self_pid:
                 continue
-            claims = set(entry.claims)
             pidfile = None
-            for matcher_name, path in by_pidfile.get(pid, ()):
-                claims.add(matcher_name)
-                pidfile = pidfile or path
-            ordered = tuple(m for m in self.matcher_names if m in claims)
+            if pid in by_pidfile:
+                claims = set(entry.claims)
+                for matcher_name, path in by_pidfile[pid]:
+                    claims.add(matcher_name)
+                    pidfile = pidfile or path
+                ordered = tuple(m for m in self._matcher_names if m in claims)
+            else:
+                ordered = entry.claims  # already in the configured order
             if ordered:
                 guest = self._measure(entry, ordered, pidfile, details, now)
                 if guest is not None:
@@ -307,7 +319,7 @@ class GuestFinder:
         # listing of /proc (the main cost of a scan) can be skipped.  Exits are seen when a
         # guest's memory can no longer be read.
         key = self._pid_cursor()
-        now_ticks: float | None = None
+        self._now_ticks = None  # read when first needed in this scan
         changed_names: set[str] = set()
         new_pids = None
         if self._pid_range_ok and key is not None and self._cursor is not None and self._seen and key != self._cursor and (
@@ -320,15 +332,12 @@ class GuestFinder:
                 name = str(pid)
                 try:
                     ino = os.stat(f"{self._proc}/{name}").st_ino
-                    if not self._is_process(pid):
-                        continue  # a thread: it has a /proc/TID but is no process of its own
                 except OSError:
                     continue  # already gone
+                if not self._classify(pid, ino):
+                    continue  # a thread (it has a /proc/TID but is no process of its own), or gone
                 self._seen[name] = ino
                 changed_names.add(name)
-                if now_ticks is None:
-                    now_ticks = self._uptime_s() * CLK_TCK
-                self._classify(pid, ino, now_ticks)
             self._cursor = key
         elif key is None or key != self._cursor or not self._seen:
             self.listings += 1
@@ -347,9 +356,7 @@ class GuestFinder:
                 if not name.isdigit():
                     continue
                 changed_names.add(name)
-                if now_ticks is None:
-                    now_ticks = self._uptime_s() * CLK_TCK
-                self._classify(int(name), ino, now_ticks)
+                self._classify(int(name), ino)
             for pid in [pid for pid in self._claimed if str(pid) not in current]:
                 self._forget(pid)
             self._seen = current
@@ -364,9 +371,7 @@ class GuestFinder:
             if entry is None:
                 self._young.discard(pid)
                 continue
-            if now_ticks is None:
-                now_ticks = self._uptime_s() * CLK_TCK
-            self._classify(pid, entry.ino, now_ticks, recheck=True)
+            self._classify(pid, entry.ino, recheck=True)
 
     def _allocated_since(self, last_text: bytes, now_text: bytes) -> list[int] | None:
         """The pids the kernel allocated after ``last_text`` up to ``now_text`` (the last pid in
@@ -379,8 +384,7 @@ class GuestFinder:
             return list(range(last + 1, now + 1)) if now - last <= MAX_NEW_PIDS else None
         if self._pid_max is None:  # wrapped around pid_max
             try:
-                with open(f"{self._proc}/sys/kernel/pid_max", "rb") as f:
-                    self._pid_max = int(f.read())
+                self._pid_max = int(read_record(f"{self._proc}/sys/kernel/pid_max"))
             except (OSError, ValueError):
                 return None
         # the kernel restarts above 300 after a wrap (RESERVED_PIDS); count from 1 to be safe
@@ -388,19 +392,9 @@ class GuestFinder:
             return None
         return list(range(last + 1, self._pid_max)) + list(range(1, now + 1))
 
-    def _is_process(self, pid: int) -> bool:
-        """A thread group leader, not another thread (threads take pids from the same counter)."""
-        with open(f"{self._proc}/{pid}/status", "rb") as f:
-            head = f.read(512)
-        for line in head.split(b"\n"):
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1]) == pid
-        return True
-
     def _pid_cursor(self) -> tuple[bytes, bytes] | None:
         try:
-            with open(f"{self._proc}/loadavg", "rb") as f:
-                fields = f.read().split()
+            fields = read_record(f"{self._proc}/loadavg").split()
             return fields[3].partition(b"/")[2], fields[4]
         except (OSError, IndexError):
             return None  # no such file (a fake procfs): list /proc every scan
@@ -410,23 +404,37 @@ class GuestFinder:
         self._claimed.discard(pid)
         self._young.discard(pid)
 
-    def _classify(self, pid: int, ino: int, now_ticks: float, recheck: bool = False) -> None:
+    def _scan_ticks(self) -> float:
+        """Now, in clock ticks since boot: /proc/uptime, read at most once per scan."""
+        if self._now_ticks is None:
+            self._now_ticks = self._uptime_s() * CLK_TCK
+        return self._now_ticks
+
+    def _classify(self, pid: int, ino: int, recheck: bool = False) -> bool:
+        """Read and classify one process (or keep the cached verdict while it is the same one).
+
+        False when ``pid`` is no process: a thread of another process (threads take pids from
+        the same counter, and each has a /proc/TID), or gone before it could be read.
+        """
         self.classified += 1
         try:
-            start_ticks, ppid, comm = self._read_stat(pid)
+            start_ticks, ppid, comm, state, leader = self._read_stat(pid)
+            if not leader:
+                self._forget(pid)  # a process that had this pid has exited
+                return False
             old = self._cache.get(pid)
             if old is not None and old.start_ticks == start_ticks and not recheck:
                 old.ino = ino  # the same process; its /proc dentry was only rebuilt
-                return
+                return True
             argv = self._read_argv(pid)
             # stat and cmdline are two reads: an execve() between them pairs the old name with
             # the new command line.  A name that changed meanwhile means: look again next scan.
-            _, _, comm_after = self._read_stat(pid)
+            comm_after = self._read_stat(pid)[2]
         except (FileNotFoundError, ProcessLookupError):
             self._forget(pid)
-            return
+            return False
         except OSError:
-            return  # unreadable now (permissions, a race); tried again when its entry changes
+            return True  # unreadable now (permissions, a race); tried again when its entry changes
         exec_raced = comm_after != comm
         comm = comm_after
         if not argv:  # kernel thread or zombie
@@ -442,11 +450,12 @@ class GuestFinder:
             # or QEMU's -daemonize child, which is the guest once its parent has exited (the
             # look again below sees it reparented).
             claims = ()
-        # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie, or a
-        # process caught inside execve() (comm already the new program's, cmdline not yet):
-        # the last must be looked at again, or a guest caught so is never counted.
-        mid_exec = (not argv and ppid not in (0, 2)) or exec_raced
-        young = (forked and not claims or mid_exec) and (now_ticks - start_ticks) < YOUNG_S * CLK_TCK
+        # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie (state
+        # Z, or X on its way out), or a process caught inside execve() (comm already the new
+        # program's, cmdline not yet): the last must be looked at again, or a guest caught so is
+        # never counted.  A zombie never runs again: looking at it again each scan is waste.
+        mid_exec = (not argv and ppid not in (0, 2) and state not in ("Z", "X")) or exec_raced
+        young = (forked and not claims or mid_exec) and (self._scan_ticks() - start_ticks) < YOUNG_S * CLK_TCK
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
         else:
@@ -459,13 +468,14 @@ class GuestFinder:
             self._claimed.add(pid)
         else:
             self._claimed.discard(pid)
+        return True
 
     def _is_claimed(self, pid: int) -> bool:
         """Does a matcher claim this (parent) process by its name or command line?"""
         if pid in self._cache:
             return pid in self._claimed
         try:
-            _, _, comm = self._read_stat(pid)
+            comm = self._read_stat(pid)[2]
             argv = self._read_argv(pid)
         except (OSError, ValueError, IndexError):
             return False
@@ -481,27 +491,28 @@ class GuestFinder:
         except OSError:
             return None
 
-    def _read_stat(self, pid: int) -> tuple[int, int, str]:
-        """(start time in clock ticks since boot, parent pid, comm)."""
-        with open(f"{self._proc}/{pid}/stat", "rb") as f:
-            data = f.read()
+    def _read_stat(self, pid: int) -> tuple[int, int, str, str, bool]:
+        """(start time in clock ticks since boot, parent pid, comm, state letter, thread group leader?)."""
+        data = read_record(f"{self._proc}/{pid}/stat")
         # comm may hold spaces and parentheses: it ends at the last ')'
         head, _, tail = data.rpartition(b")")
         comm = head.partition(b"(")[2].decode(errors="replace")
         fields = tail.split()  # from field 3 (state): ppid is field 4, starttime field 22
-        return int(fields[19]), int(fields[1]), comm
+        # exit_signal (field 38) is -1 for every thread but the group leader (the kernel's
+        # copy_process() for CLONE_THREAD; de_thread() gives the leader's SIGCHLD to a thread
+        # that execs): the process/thread test without reading /proc/PID/status.
+        leader = len(fields) < 36 or fields[35] != b"-1"
+        return int(fields[19]), int(fields[1]), comm, fields[0].decode(errors="replace"), leader
 
     def _read_argv(self, pid: int) -> tuple[str, ...]:
-        with open(f"{self._proc}/{pid}/cmdline", "rb") as f:
-            raw = f.read()
+        raw = read_bytes(f"{self._proc}/{pid}/cmdline")
         if raw.endswith(b"\0"):
             raw = raw[:-1]
         return tuple(a.decode(errors="replace") for a in raw.split(b"\0")) if raw else ()
 
     def _uptime_s(self) -> float:
         try:
-            with open(f"{self._proc}/uptime", "rb") as f:
-                return float(f.read().split()[0])
+            return float(read_record(f"{self._proc}/uptime").split()[0])
         except (OSError, ValueError, IndexError):
             return float("inf")  # unknown: treat every process as old
 
@@ -527,10 +538,7 @@ class GuestFinder:
         started after the pid file was written, or is no QEMU.
         """
         claims: dict[int, list[tuple[str, str]]] = {}
-        for matcher in self.matchers:
-            if matcher.pidfile_dir is None:
-                continue
-            directory = self.run_dir / matcher.pidfile_dir
+        for matcher_name, directory in self._pidfile_dirs:
             try:
                 with os.scandir(directory) as it:
                     entries = [e for e in it if e.name.endswith(".pid") and e.is_file(follow_symlinks=False)]
@@ -557,7 +565,7 @@ class GuestFinder:
                 started_s = self._boot_time_s() + entry.start_ticks / CLK_TCK
                 if started_s > st.st_mtime + 2.0:  # started after the pid file was written: a reused pid
                     continue
-                claims.setdefault(pid, []).append((matcher.name, e.path))
+                claims.setdefault(pid, []).append((matcher_name, e.path))
         if len(self._pidfiles) > 1024:
             self._pidfiles.clear()
         return claims
@@ -567,23 +575,21 @@ class GuestFinder:
         """Any anonymous memory on THP on the host (cheap: /proc/meminfo), checked once per scan."""
         if self._thp_checked_scan != self._scans:
             self._thp_checked_scan = self._scans
-            fields = _read_keyed(f"{self._proc}/meminfo")
+            fields = self._meminfo if self._meminfo is not None else _read_keyed(f"{self._proc}/meminfo")
             self._thp_any = fields is None or fields.get("AnonHugePages", 1) > 0
         return self._thp_any
 
     def _measure(self, entry: _Proc, matchers: tuple[str, ...], pidfile: str | None, details: bool,
                  now: float) -> Guest | None:
-        psutil.PROCFS_PATH = self._proc
         try:
-            if entry.ps is None:
-                entry.ps = psutil.Process(entry.pid)
-            mem = entry.ps.memory_info()
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, ProcessLookupError, FileNotFoundError):
+            # statm: size (VSZ) and resident (RSS) in pages, what ps and psutil report
+            vsz_pages, rss_pages = read_record(f"{self._proc}/{entry.pid}/statm").split()[:2]
+        except (FileNotFoundError, ProcessLookupError):
             self._forget(entry.pid)  # exited: skipped, not an error
             return None
-        except (psutil.AccessDenied, OSError):
+        except OSError:
             return None
-        rss_kib, vsz_kib = mem.rss // 1024, mem.vms // 1024
+        rss_kib, vsz_kib = int(rss_pages) * PAGE_KIB, int(vsz_pages) * PAGE_KIB
         pss_kib = thp_kib = None
         if details or self.metric == "pss" or (
                 not entry.thp_warned and now >= entry.next_rollup and self._thp_in_use()):
@@ -635,8 +641,7 @@ def _read_pid(path: str) -> int | None:
 def _read_keyed(path: str) -> dict | None:
     """'Key: N kB' (smaps_rollup) or 'key N' / 'key: yes' (ksm_stat) lines; None if unreadable."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_record(path)
     except OSError:
         return None
     out: dict = {}

@@ -11,8 +11,10 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
+from .procfs import read_bytes
 
 DEFAULT_SYSFS = Path("/sys/kernel/mm/ksm")
 
@@ -38,7 +40,8 @@ class Write:
     new: str
 
 
-def _wrap(e: OSError, path: Path, action: str) -> KernelInterfaceError:
+def _wrap(e: OSError, path: Path | str, action: str) -> KernelInterfaceError:
+    path = Path(path)
     if e.errno in (errno.EACCES, errno.EPERM):
         return KsmPermissionError(
             f"{path}: permission denied while trying to {action}: must run as root", str(path), e.errno
@@ -56,14 +59,25 @@ def _wrap(e: OSError, path: Path, action: str) -> KernelInterfaceError:
     return KernelInterfaceError(f"{path}: cannot {action}: {os.strerror(e.errno or 0)}", str(path), e.errno)
 
 
+def _selected(text: str) -> str:
+    """The selected word of a choice attribute ('[none] scan-time' -> 'none'); else the text."""
+    if "[" in text and "]" in text:
+        return text[text.index("[") + 1 : text.index("]")]
+    return text
+
+
 class KsmSysfs:
     def __init__(self, root: Path = DEFAULT_SYSFS):
         self.root = Path(root)
-        self._prefix = str(self.root) + "/"
+        self._prefix = str(self.root).rstrip("/") + "/"  # names appended as strings on the hot path
         self._present: tuple[str, ...] | None = None  # counters() files found last time
 
     def path(self, name: str) -> Path:
         return self.root / name
+
+    def file(self, name: str) -> str:
+        """The path of a KSM file as a string (what :meth:`counters` takes in ``known``)."""
+        return self._prefix + name
 
     def preflight(self, need_write: bool = True) -> None:
         """Clear errors before the first tick: no KSM -> 69, not root -> 77."""
@@ -85,19 +99,14 @@ class KsmSysfs:
 
     def read(self, name: str) -> str:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
-        path = self.path(name)
+        path = self._prefix + name  # a string, not a Path: read every tick
         try:
-            # O_NONBLOCK: a FIFO planted in a stand-in directory must not hang the loop
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                text = os.read(fd, 4096).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
+            # one read: a sysfs attribute is at most a page.  O_NONBLOCK: a FIFO planted in a
+            # stand-in directory must not hang the loop
+            text = read_bytes(path, limit=4096, nonblock=True).decode(errors="replace").strip()
         except OSError as e:
             raise _wrap(e, path, "read") from None
-        if "[" in text and "]" in text:
-            text = text[text.index("[") + 1 : text.index("]")]
-        return text
+        return _selected(text)
 
     def read_int(self, name: str) -> int:
         text = self.read(name)
@@ -108,7 +117,7 @@ class KsmSysfs:
                                        str(self.path(name))) from None
 
     def write(self, name: str, value: str) -> None:
-        path = self.path(name)
+        path = self._prefix + name
         try:
             # O_TRUNC as the shell's `>`: harmless on sysfs, and in a regular-file stand-in
             # (--sysfs DIR) "300" over "1250" must not leave "3000".
@@ -142,30 +151,27 @@ class KsmSysfs:
         except KernelInterfaceError:
             return False
 
-    def counters(self) -> dict[str, int | str]:
+    def counters(self, known: Mapping[str, str] | None = None) -> dict[str, int | str]:
         """Every counter and knob the kernel offers, as ints where they are numbers
         (advisor_mode: its selected word).
 
         Read every tick by the state file and metrics, so kept cheap: one open and one read per
         file, and only the files found present last time (all are probed again after a failure).
+        ``known``: values the caller read or wrote a moment ago, by :meth:`file` path (the
+        daemon's knobs after its writes); those files are not read again.
         """
         out: dict[str, int | str] = {}
         failed = False
+        prefix = self._prefix
+        known = known or {}
         for name in self._present if self._present is not None else COUNTERS + KNOBS:
-            try:
-                fd = os.open(self._prefix + name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                failed = True
-                continue
-            try:
-                text = os.read(fd, 4096).decode(errors="replace").strip()
-            except OSError:
-                failed = True
-                continue
-            finally:
-                os.close(fd)
-            if "[" in text and "]" in text:
-                text = text[text.index("[") + 1 : text.index("]")]
+            text = known.get(prefix + name)
+            if text is None:
+                try:
+                    text = _selected(read_bytes(prefix + name, limit=4096, nonblock=True).decode(errors="replace").strip())
+                except OSError:
+                    failed = True
+                    continue
             try:
                 out[name] = int(text)
             except ValueError:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from . import __version__
 from .guests import Guest
 from .ksm import DEFAULT_SYSFS, KsmSysfs
+from .procfs import read_record
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
 DECISION_KINDS = ("stop", "boost", "decay", "error")
+#: json.dumps(x, separators=(",", ":")) without building a new encoder for every call
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 # --- /proc readers -------------------------------------------------------------------------
@@ -40,14 +43,14 @@ def read_proc_stat(procfs: Path, pid: int | str) -> tuple[str, list[str]]:
     comm may contain spaces and parentheses: it is everything between the first '(' and
     the last ')'.  Raises OSError or ValueError.
     """
-    raw = (Path(procfs) / str(pid) / "stat").read_text()
+    raw = read_record(f"{procfs}/{pid}/stat").decode()
     left, right = raw.index("("), raw.rindex(")")
     return raw[left + 1:right], raw[right + 2:].split()
 
 
 def system_uptime_s(procfs: Path = Path("/proc")) -> float | None:
     try:
-        return float((Path(procfs) / "uptime").read_text().split()[0])
+        return float(read_record(f"{procfs}/uptime").split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -218,7 +221,7 @@ class Reporter:
         self._metrics_settings = None
         if self.state_path is not None:
             for entry in read_history(self.state_path):
-                self.history.append(json.dumps(entry, separators=(",", ":")))
+                self.history.append(_compact_json(entry))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -237,7 +240,7 @@ class Reporter:
         self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
-        ksm = self.sysfs.counters()
+        ksm = self.sysfs.counters(known=report.knobs)  # the knobs as apply() left them
         limits = report.limits
         guests = tuple(_guest_data(g, settings.ps_metric) for g in report.guests)
         ksmd_cpu_s = self.ksmd.cpu_seconds()
@@ -260,7 +263,7 @@ class Reporter:
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(json.dumps(data.history_entry(), separators=(",", ":")))
+        self.history.append(_compact_json(data.history_entry()))
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:

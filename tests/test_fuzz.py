@@ -223,7 +223,7 @@ REAL_LINES = REAL_MEMINFO.splitlines()
 def meminfo_texts(draw):
     lines = list(REAL_LINES)
     for _ in range(draw(st.integers(0, 6))):
-        op = draw(st.sampled_from(["drop", "dup", "garbage", "number", "unit", "blank", "swap"]))
+        op = draw(st.sampled_from(["drop", "dup", "garbage", "prefix", "number", "unit", "blank", "swap"]))
         i = draw(st.integers(0, max(0, len(lines) - 1)))
         if not lines:
             break
@@ -233,6 +233,8 @@ def meminfo_texts(draw):
             lines.insert(i, lines[i])
         elif op == "garbage":
             lines.insert(i, draw(st.text(max_size=40)))
+        elif op == "prefix":
+            lines[i] = draw(st.text(min_size=1, max_size=3)) + lines[i]
         elif op == "number":
             key = lines[i].split(":", 1)[0]
             lines[i] = f"{key}: {draw(st.one_of(st.integers(-10, 2**70).map(str), st.text(max_size=8)))} kB"
@@ -270,6 +272,25 @@ def test_meminfo_parses_or_names_its_line_and_field(text):
                 assert re.search(r"MemTotal|MemFree|Buffers|Cached|MemAvailable", str(e)), str(e)
                 continue
             assert 0 <= free <= meminfo.total_kib(fields, M)
+
+
+@FUZZ
+@given(st.one_of(meminfo_texts(), st.text(max_size=300)))
+@example("MemTotal: 0012 kB\nHugePages_Total: 3\nActive(anon): 1 kB\nMemTotal: 5 kB\n")
+@example("MemTotal: " + "9" * 20 + " kB\n")
+@example("MemTotal: " + "9" * 21 + " kB\n")
+@example("MemTotal:\t1 kB\n")
+@example("MemTotal: 1 kB\n\nMemFree: 1 kB\n")
+@example("MemTotal: 1 kB\nxx Foo: 1 kB\n")
+def test_meminfo_fast_path_gives_what_the_line_by_line_parser_gives(text):
+    """parse_meminfo's whole-text fast path: the same fields, or the same error, as the strict loop."""
+    def outcome(parse):
+        try:
+            return parse(text, M)
+        except MeminfoError as e:
+            return str(e)
+
+    assert outcome(meminfo.parse_meminfo) == outcome(meminfo._parse_strictly)
 
 
 # --- the command line -------------------------------------------------------------------------

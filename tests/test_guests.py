@@ -21,7 +21,7 @@ import pytest
 
 from ksmtuned.config import load_config
 from ksmtuned.errors import ConfigError
-from ksmtuned.guests import Guest, GuestFinder, committed_kib, guest_name, make_matcher
+from ksmtuned.guests import CLK_TCK, Guest, GuestFinder, committed_kib, guest_name, make_matcher
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
@@ -327,10 +327,10 @@ BOOT = 1_700_000_000
 
 
 def _fake_proc(procfs: Path, pid: int, comm: str, argv: list[str], start_ticks: int, rss_pages: int = 2560,
-               thp_kib: int = 0) -> None:
+               thp_kib: int = 0, ppid: int = 1) -> None:
     d = procfs / str(pid)
-    d.mkdir(parents=True)
-    stat = [str(pid), f"({comm})", "S", "1"] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
+    d.mkdir(parents=True, exist_ok=True)
+    stat = [str(pid), f"({comm})", "S", str(ppid)] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
     (d / "stat").write_text(" ".join(stat) + "\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "statm").write_text(f"{rss_pages * 2} {rss_pages} 0 0 0 0 0\n")
@@ -387,6 +387,42 @@ def test_unchanged_process_table_reads_no_command_line(fakeproc, tmp_path):
     assert [g.pid for g in finder.scan()] == [10]  # ... but /proc/11 is the same directory
 
 
+@pytest.mark.parametrize("after_exec", [
+    ("bash", ["qemu-system-x86_64", "-enable-kvm"]),  # a new command line, the same name
+    ("qemu-kvm", ["bash", "/usr/lib/hook"]),  # a new name, the same command line
+])
+def test_a_young_fork_that_execs_is_seen_at_the_next_scan(fakeproc, tmp_path, after_exec):
+    """A forked child still runs its parent's program and is looked at again each scan while
+    young; an exec that changes its name or its command line alone is seen."""
+    young = 100000 * CLK_TCK - 5 * CLK_TCK  # started 5 s ago (uptime 100000 s)
+    _fake_proc(fakeproc, 30, "bash", ["bash", "/usr/lib/hook"], 1000)
+    _fake_proc(fakeproc, 31, "bash", ["bash", "/usr/lib/hook"], young, ppid=30)
+    finder = GuestFinder(procfs=fakeproc, matchers=["redhat", "debian"], run_dir=tmp_path)
+    assert finder.scan() == [] and 31 in finder._young
+    assert finder.scan() == [] and 31 in finder._young  # looked at again: nothing changed
+    comm, argv = after_exec
+    _fake_proc(fakeproc, 31, comm, argv, young, ppid=30)  # no new pid: only the look again sees it
+    assert [g.pid for g in finder.scan()] == [31]
+    assert 31 not in finder._young
+
+
+def test_a_zombie_is_not_looked_at_again(tmp_path):
+    """A zombie's command line is empty, as a process's inside execve(); but a zombie never
+    runs again, so it is not read again each scan as a maybe-exec'ing process is."""
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        finder.scan()
+        assert child.pid in finder._cache and child.pid not in finder._young
+        assert child.pid not in {g.pid for g in finder.scan()} and child.pid not in finder._young
+    finally:
+        child.wait()
+
+
 def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
                rss_pages=65536, thp_kib=200 * 1024)
@@ -402,6 +438,47 @@ def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     assert "big (pid 20): 200 MiB of its 256 MiB" in warnings[0] and "transparent huge pages" in warnings[0]
     assert gs["big"].thp_warning and not gs["small"].thp_warning
     assert gs["big"].ksm_merging_pages == 5 and gs["big"].ksm_profit_bytes == 100 and gs["big"].ksm_mergeable
+
+
+def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_path, caplog):
+    """The daemon passes the /proc/meminfo it read for the tick; the finder reads it only without."""
+    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+               rss_pages=65536, thp_kib=200 * 1024)
+    (fakeproc / "meminfo").write_text("MemTotal: 1000000 kB\nAnonHugePages: 0 kB\n")
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+        # its own reading: no THP on the host, so no smaps_rollup walk and no warning
+        [g] = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path).scan()
+        assert g.thp_kib is None
+        # the caller's reading wins over the file
+        finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
+        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 0})
+        assert g.thp_kib is None
+        assert not caplog.records
+        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 4096})
+        assert g.thp_kib == 200 * 1024 and g.thp_warning
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_path, caplog):
+    from ksmtuned.config import build_settings
+    from ksmtuned.daemon import Daemon
+    from ksmtuned.ksm import KsmSysfs
+    from tests.daemon_support import fake_ksm_dir
+    from tests.faultrig import meminfo_text
+
+    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+               rss_pages=65536, thp_kib=200 * 1024)
+    (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 0 kB\n")
+    loaded = build_settings([], {"KSM_GUEST_MATCH": "debian"}, "none")
+    d = Daemon(loaded, KsmSysfs(fake_ksm_dir(tmp_path)), procfs=fakeproc, run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [None] and report.error is None
+        assert not caplog.records
+        (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 4096 kB\n")
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [200 * 1024]
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
 
 
 def test_a_fork_of_a_guest_is_not_a_second_guest(fakes, tmp_path):
