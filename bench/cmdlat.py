@@ -32,8 +32,8 @@ def install_copy(workdir: Path) -> Path:
 
     `pip wheel` builds the checkout with the running Python's setuptools (no build isolation:
     offline; .ci/run installs the setuptools the pyproject asks for), and pip installs that wheel
-    with `--python` into a venv created without pip (a few seconds).  The dependencies (pydantic, psutil... for `status` and `--once`) come from the
-    project's venv through a .pth line: a plain path entry, so none of that venv's own .pth
+    with `--python` into a venv created without pip (a few seconds).  The dependencies (sdnotify) come
+    from the project's venv through a .pth line: a plain path entry, so none of that venv's own .pth
     files (the editable finder) runs.  Raises RuntimeError when it cannot be built.
     """
     venv = workdir / "venv"

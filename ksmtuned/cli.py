@@ -1,6 +1,6 @@
 """Argument parsing, wiring and exit codes.  The only module that exits.
 
-Heavy imports (pydantic, psutil, and even argparse and pathlib) stay off the `retune` path so
+Imports (even argparse and pathlib) stay off the `retune` path so
 that a libvirt hook that calls it costs little: see `_retune_args`.
 """
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the finder (psutil) is imported only when guests are scanned
+if TYPE_CHECKING:  # the finder is imported only when guests are scanned
     from .guests import Guest
 
 from .errors import ExitCode

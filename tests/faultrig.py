@@ -3,8 +3,8 @@
 The daemon runs as its own process (``python -m ksmtuned --foreground --force ...``) against
 a temp directory standing in for /sys/kernel/mm/ksm (or the real one, under ``real_ksm``) and
 a temp procfs whose ``meminfo`` the test writes.  The temp procfs also drives the process
-scan, so it links the real ``/proc/stat`` (psutil's boot time) and ``/proc/1`` (psutil refuses
-a process table without any pid): the scan is real but sees no guest.
+scan, so it links the real ``/proc/stat`` (the boot time) and ``/proc/1`` (a process table
+with a pid in it): the scan is real but sees no guest.
 """
 
 from __future__ import annotations
