@@ -75,6 +75,7 @@ class Daemon:
         self.procfs = Path(procfs)
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
+        self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
@@ -150,8 +151,8 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self.meminfo_path)
-        free = meminfo.free_kib(fields, self.settings.free_metric, str(self.meminfo_path))
+        fields = meminfo.read_meminfo(self._meminfo_file)
+        free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
         guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests

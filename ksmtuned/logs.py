@@ -115,3 +115,7 @@ def setup_logging(verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Records carry only level and message: skip what the format never shows (the logging
+    # HOWTO's "Optimization": the caller's file and line is a walk up the stack per record).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False

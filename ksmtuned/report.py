@@ -71,6 +71,7 @@ class Ksmd:
 
     def __init__(self, procfs: Path = Path("/proc")):
         self.procfs = Path(procfs)
+        self._proc = str(self.procfs)  # per tick: a str, no pathlib
         self.pid: int | None = None
         self._searched = False
 
@@ -91,7 +92,7 @@ class Ksmd:
     def _times(self, pid: int) -> tuple[float, float] | None:
         """(utime+stime seconds, seconds since ksmd started) or None if pid is not ksmd."""
         try:
-            comm, rest = read_proc_stat(self.procfs, pid)
+            comm, rest = read_proc_stat(self._proc, pid)
             if comm != "ksmd":
                 return None
             return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS, int(rest[19]) / CLOCK_TICKS
@@ -204,6 +205,8 @@ class Reporter:
         self.state_path = Path(state_path) if state_path is not None else None
         self.sysfs = KsmSysfs(Path(sysfs))
         self.procfs = Path(procfs)
+        self._sysfs_dir, self._procfs_dir = str(self.sysfs.root), str(self.procfs)
+        self._state_file = os.fspath(self.state_path) if self.state_path is not None else None
         self.config_path = str(config_path) if config_path is not None else None
         self.started_s = clock()
         self.ksmd = Ksmd(self.procfs)
@@ -280,7 +283,7 @@ class Reporter:
         head = {
             "schema": STATE_SCHEMA,
             "daemon": {"pid": os.getpid(), "version": __version__, "started": round(self.started_s, 3),
-                       "config_file": self.config_path, "sysfs": str(self.sysfs.root), "procfs": str(self.procfs)},
+                       "config_file": self.config_path, "sysfs": self._sysfs_dir, "procfs": self._procfs_dir},
             "time": round(data.time_s, 3),
             "reason": data.reason,
             "duration_s": round(data.duration_s, 6),
@@ -308,10 +311,10 @@ class Reporter:
         payload = self.state_document(settings, data).encode()
         try:
             try:
-                atomic_write(self.state_path, payload)
+                atomic_write(self._state_file, payload)
             except FileNotFoundError:  # the directory went away (tmpfs cleaned): recreate it once
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                atomic_write(self.state_path, payload)
+                atomic_write(self._state_file, payload)
         except OSError as e:
             self._fail("state", f"cannot write the state file {self.state_path}: {e.strerror or e}")
             return
