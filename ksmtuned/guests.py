@@ -66,6 +66,8 @@ PIDFILE_DIRS = {"libvirt": "libvirt/qemu", "proxmox": "qemu-server"}
 
 #: A forked process that has not exec'd yet is classified again each scan until this old.
 YOUNG_S = 60.0
+#: /proc/PID/stat's flags (field 9): set by fork, cleared by execve (include/linux/sched.h).
+PF_FORKNOEXEC = 0x00000040
 #: When more pids than this were allocated since the last scan, list /proc instead of
 #: looking at each new pid (a listing costs about as much as this many reads).
 MAX_NEW_PIDS = 256
@@ -215,6 +217,7 @@ class _Proc:
     argv: tuple[str, ...]
     claims: tuple[str, ...]  # matchers claiming it by comm/command line
     young: bool  # classified before it could be sure exec() was done
+    ppid: int = 0
     thp_warned: bool = False
     next_rollup: float = 0.0
 
@@ -261,6 +264,7 @@ class GuestFinder:
         #: work counters (what keeps a scan cheap): /proc listings, and processes read and classified
         self.listings = 0
         self.classified = 0
+        self.argv_reads = 0  # command lines read (tests count work with it)
         self._thp_checked_scan = -1
         self._thp_any = True
         self._meminfo: Mapping[str, int] | None = None  # the caller's reading for this scan
@@ -418,14 +422,23 @@ class GuestFinder:
         """
         self.classified += 1
         try:
-            start_ticks, ppid, comm, state, leader = self._read_stat(pid)
+            start_ticks, ppid, comm, state, leader, flags = self._read_stat(pid)
             if not leader:
                 self._forget(pid)  # a process that had this pid has exited
                 return False
             old = self._cache.get(pid)
-            if old is not None and old.start_ticks == start_ticks and not recheck:
-                old.ino = ino  # the same process; its /proc dentry was only rebuilt
-                return True
+            if old is not None and old.start_ticks == start_ticks:
+                if not recheck:
+                    old.ino = ino  # the same process; its /proc dentry was only rebuilt
+                    return True
+                if flags & PF_FORKNOEXEC and old.argv and ppid == old.ppid and comm == old.comm:
+                    # A young fork that has still not exec'd (the kernel clears the flag in
+                    # execve), has the same parent and name: its verdict stands without
+                    # reading its command line again.  It stops being young with age.
+                    if self._scan_ticks() - start_ticks >= YOUNG_S * CLK_TCK:
+                        old.young = False
+                        self._young.discard(pid)
+                    return True
             argv = self._read_argv(pid)
             # stat and cmdline are two reads: an execve() between them pairs the old name with
             # the new command line.  A name that changed meanwhile means: look again next scan.
@@ -457,9 +470,9 @@ class GuestFinder:
         mid_exec = (not argv and ppid not in (0, 2) and state not in ("Z", "X")) or exec_raced
         young = (forked and not claims or mid_exec) and (self._scan_ticks() - start_ticks) < YOUNG_S * CLK_TCK
         if old is not None and old.start_ticks == start_ticks:
-            old.ino, old.comm, old.argv, old.claims, old.young = ino, comm, argv, claims, young
+            old.ino, old.comm, old.argv, old.claims, old.young, old.ppid = ino, comm, argv, claims, young, ppid
         else:
-            self._cache[pid] = _Proc(pid, start_ticks, ino, comm, argv, claims, young)
+            self._cache[pid] = _Proc(pid, start_ticks, ino, comm, argv, claims, young, ppid)
         if young:
             self._young.add(pid)
         else:
@@ -491,8 +504,9 @@ class GuestFinder:
         except OSError:
             return None
 
-    def _read_stat(self, pid: int) -> tuple[int, int, str, str, bool]:
-        """(start time in clock ticks since boot, parent pid, comm, state letter, thread group leader?)."""
+    def _read_stat(self, pid: int) -> tuple[int, int, str, str, bool, int]:
+        """(start time in clock ticks since boot, parent pid, comm, state letter, thread group
+        leader?, the kernel's task flags)."""
         data = read_record(f"{self._proc}/{pid}/stat")
         # comm may hold spaces and parentheses: it ends at the last ')'
         head, _, tail = data.rpartition(b")")
@@ -502,9 +516,11 @@ class GuestFinder:
         # copy_process() for CLONE_THREAD; de_thread() gives the leader's SIGCHLD to a thread
         # that execs): the process/thread test without reading /proc/PID/status.
         leader = len(fields) < 36 or fields[35] != b"-1"
-        return int(fields[19]), int(fields[1]), comm, fields[0].decode(errors="replace"), leader
+        return (int(fields[19]), int(fields[1]), comm, fields[0].decode(errors="replace"), leader,
+                int(fields[6]) if len(fields) > 6 else 0)
 
     def _read_argv(self, pid: int) -> tuple[str, ...]:
+        self.argv_reads += 1
         raw = read_bytes(f"{self._proc}/{pid}/cmdline")
         if raw.endswith(b"\0"):
             raw = raw[:-1]

@@ -21,7 +21,8 @@ import pytest
 
 from ksmtuned.config import load_config
 from ksmtuned.errors import ConfigError
-from ksmtuned.guests import CLK_TCK, Guest, GuestFinder, committed_kib, guest_name, make_matcher
+from ksmtuned.guests import (CLK_TCK, PF_FORKNOEXEC, YOUNG_S, Guest, GuestFinder, committed_kib, guest_name,
+                             make_matcher)
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
@@ -327,10 +328,11 @@ BOOT = 1_700_000_000
 
 
 def _fake_proc(procfs: Path, pid: int, comm: str, argv: list[str], start_ticks: int, rss_pages: int = 2560,
-               thp_kib: int = 0, ppid: int = 1) -> None:
+               thp_kib: int = 0, ppid: int = 1, flags: int = 0) -> None:
     d = procfs / str(pid)
     d.mkdir(parents=True, exist_ok=True)
     stat = [str(pid), f"({comm})", "S", str(ppid)] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
+    stat[8] = str(flags)  # field 9
     (d / "stat").write_text(" ".join(stat) + "\n")
     (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (d / "statm").write_text(f"{rss_pages * 2} {rss_pages} 0 0 0 0 0\n")
@@ -404,6 +406,74 @@ def test_a_young_fork_that_execs_is_seen_at_the_next_scan(fakeproc, tmp_path, af
     _fake_proc(fakeproc, 31, comm, argv, young, ppid=30)  # no new pid: only the look again sees it
     assert [g.pid for g in finder.scan()] == [31]
     assert 31 not in finder._young
+
+
+def test_a_young_fork_that_has_not_exec_d_is_looked_at_through_its_stat_alone(fakeproc, tmp_path):
+    """The kernel sets PF_FORKNOEXEC at fork and clears it in execve: while it is set and the
+    parent and name are the same, the command line is not read again; once it is clear, it is."""
+    young = 100000 * CLK_TCK - 5 * CLK_TCK
+    _fake_proc(fakeproc, 30, "bash", ["bash", "/usr/lib/hook"], 1000)
+    _fake_proc(fakeproc, 31, "bash", ["bash", "/usr/lib/hook"], young, ppid=30, flags=PF_FORKNOEXEC | 0x400000)
+    finder = GuestFinder(procfs=fakeproc, matchers=["redhat", "debian"], run_dir=tmp_path)
+    assert finder.scan() == [] and 31 in finder._young
+    reads = finder.argv_reads
+    assert finder.scan() == [] and finder.argv_reads == reads and 31 in finder._young
+    # the command line alone changed (no exec: the flag is still set): not looked at
+    (fakeproc / "31" / "cmdline").write_bytes(b"qemu-system-x86_64\0-enable-kvm\0")
+    assert finder.scan() == [] and finder.argv_reads == reads
+    # a new parent (reparented: the -daemonize case) is looked at in full
+    _fake_proc(fakeproc, 31, "bash", ["qemu-system-x86_64", "-enable-kvm"], young, ppid=1, flags=PF_FORKNOEXEC)
+    assert [g.pid for g in finder.scan()] == [31] and finder.argv_reads > reads
+
+
+def test_a_young_fork_that_grows_old_without_exec_is_final(fakeproc, tmp_path):
+    young = 100000 * CLK_TCK - 5 * CLK_TCK
+    _fake_proc(fakeproc, 30, "bash", ["bash"], 1000)
+    _fake_proc(fakeproc, 31, "bash", ["bash"], young, ppid=30, flags=PF_FORKNOEXEC)
+    finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
+    finder.scan()
+    assert 31 in finder._young
+    (fakeproc / "uptime").write_text(f"{100000 + YOUNG_S:.2f} 1.00\n")
+    finder.scan()
+    assert 31 not in finder._young
+
+
+def test_a_real_fork_is_read_once_until_it_execs(tmp_path):
+    """Against the real kernel: a forked child that has not exec'd costs one stat read per scan;
+    its exec (into a guest-looking program) is seen at the next scan."""
+    go = tmp_path / "go"
+    link = tmp_path / "qemu-system-x86_64"
+    link.symlink_to(os.path.realpath(sys.executable))
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        pid = os.fork()
+        if pid == 0:
+            while not os.path.exists({str(go)!r}):
+                time.sleep(0.01)
+            os.execv({str(link)!r}, ["qemu-system-x86_64", "-I", "-S", "-c", {HOLD!r}, "-enable-kvm", "-m", "4"])
+        print(pid, flush=True)
+        os.wait()
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        assert child not in {g.pid for g in finder.scan()}
+        assert child in finder._young
+        flags = int(Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[6])
+        assert flags & PF_FORKNOEXEC, "the kernel shows PF_FORKNOEXEC on a fork that has not exec'd"
+        reads = finder.argv_reads
+        finder.scan()
+        finder.scan()
+        assert finder.argv_reads == reads, "a fork that has not exec'd had its command line read again"
+        go.write_text("")
+        deadline = time.monotonic() + 10
+        while child not in {g.pid for g in finder.scan()}:
+            assert time.monotonic() < deadline, "the exec'd guest was never found"
+            time.sleep(0.05)
+    finally:
+        os.kill(child, signal.SIGKILL)
+        parent.wait(10)
 
 
 def test_a_zombie_is_not_looked_at_again(tmp_path):
