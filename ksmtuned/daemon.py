@@ -23,6 +23,7 @@ from .guests import Guest, GuestFinder, committed_kib
 from .ksm import KsmSysfs, Write
 from .logs import DebugLog
 from .notify import Notifier
+from .procfs import OpenFiles
 from .policy import Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Daemon:
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
         self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
+        self._files = OpenFiles(self.procfs)  # /proc/meminfo, read every tick
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
@@ -137,6 +139,7 @@ class Daemon:
         self.debug_log.close()
         self.debug_log = self._make_debug_log(new.settings)
         if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+            self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
         try:
             self.start()
@@ -151,7 +154,7 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self._meminfo_file)
+        fields = meminfo.read_meminfo(self._meminfo_file, self._files.read)
         free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
         guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
         committed = committed_kib(guests, self.settings.ps_metric)

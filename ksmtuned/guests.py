@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .procfs import read_bytes, read_record
+from .procfs import OpenFiles, read_bytes, read_record
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,8 @@ class GuestFinder:
         self._thp_checked_scan = -1
         self._thp_any = True
         self._meminfo: Mapping[str, int] | None = None  # the caller's reading for this scan
+        # read every scan: loadavg, and each guest's statm, ksm_stat (and smaps_rollup for PSS)
+        self._files = OpenFiles(self._proc)
         self._now_ticks: float | None = None  # clock ticks since boot, as of this scan
         self._pidfiles: dict[str, tuple[tuple[int, int], int | None]] = {}  # path -> ((ino, mtime), pid)
         self._btime_s: float | None = None
@@ -398,15 +400,20 @@ class GuestFinder:
 
     def _pid_cursor(self) -> tuple[bytes, bytes] | None:
         try:
-            fields = read_record(f"{self._proc}/loadavg").split()
+            fields = self._files.read(f"{self._proc}/loadavg").split()
             return fields[3].partition(b"/")[2], fields[4]
         except (OSError, IndexError):
             return None  # no such file (a fake procfs): list /proc every scan
 
     def _forget(self, pid: int) -> None:
-        self._cache.pop(pid, None)
+        if self._cache.pop(pid, None) is not None and self._files:
+            self._files.close_under(f"{self._proc}/{pid}/")
         self._claimed.discard(pid)
         self._young.discard(pid)
+
+    def close(self) -> None:
+        """Close the files kept open (a finder replaced on reload)."""
+        self._files.close_all()
 
     def _scan_ticks(self) -> float:
         """Now, in clock ticks since boot: /proc/uptime, read at most once per scan."""
@@ -472,6 +479,8 @@ class GuestFinder:
         if old is not None and old.start_ticks == start_ticks:
             old.ino, old.comm, old.argv, old.claims, old.young, old.ppid = ino, comm, argv, claims, young, ppid
         else:
+            if old is not None and self._files:  # a reused pid: the files open are the old process's
+                self._files.close_under(f"{self._proc}/{pid}/")
             self._cache[pid] = _Proc(pid, start_ticks, ino, comm, argv, claims, young, ppid)
         if young:
             self._young.add(pid)
@@ -599,7 +608,7 @@ class GuestFinder:
                  now: float) -> Guest | None:
         try:
             # statm: size (VSZ) and resident (RSS) in pages, what ps and psutil report
-            vsz_pages, rss_pages = read_record(f"{self._proc}/{entry.pid}/statm").split()[:2]
+            vsz_pages, rss_pages = self._files.read(f"{self._proc}/{entry.pid}/statm").split()[:2]
         except (FileNotFoundError, ProcessLookupError):
             self._forget(entry.pid)  # exited: skipped, not an error
             return None
@@ -609,11 +618,11 @@ class GuestFinder:
         pss_kib = thp_kib = None
         if details or self.metric == "pss" or (
                 not entry.thp_warned and now >= entry.next_rollup and self._thp_in_use()):
-            rollup = _read_keyed(f"{self._proc}/{entry.pid}/smaps_rollup")
+            rollup = _read_keyed(f"{self._proc}/{entry.pid}/smaps_rollup", self._files.read)
             if rollup is not None:
                 pss_kib, thp_kib = rollup.get("Pss"), rollup.get("AnonHugePages")
             entry.next_rollup = now + self.rollup_interval_s
-        ksm = _read_keyed(f"{self._proc}/{entry.pid}/ksm_stat") or {}
+        ksm = _read_keyed(f"{self._proc}/{entry.pid}/ksm_stat", self._files.read) or {}
         known = guest_name(entry.argv, entry.comm, pidfile)
         guest = Guest(
             pid=entry.pid,
@@ -654,10 +663,10 @@ def _read_pid(path: str) -> int | None:
     return int(text) if text.isdigit() and int(text) > 0 else None
 
 
-def _read_keyed(path: str) -> dict | None:
+def _read_keyed(path: str, read: Callable[[str], bytes] = read_record) -> dict | None:
     """'Key: N kB' (smaps_rollup) or 'key N' / 'key: yes' (ksm_stat) lines; None if unreadable."""
     try:
-        data = read_record(path)
+        data = read(path)
     except OSError:
         return None
     out: dict = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
-from .procfs import read_bytes
+from .procfs import OpenFiles, read_bytes
 
 DEFAULT_SYSFS = Path("/sys/kernel/mm/ksm")
 
@@ -71,6 +71,17 @@ class KsmSysfs:
         self.root = Path(root)
         self._prefix = str(self.root).rstrip("/") + "/"  # names appended as strings on the hot path
         self._present: tuple[str, ...] | None = None  # counters() files found last time
+        # on the real sysfs, every file read per tick stays open (one pread per read)
+        self._files = OpenFiles(self.root, limit=64)
+
+    def _read(self, path: str) -> str:
+        if self._files.enabled:
+            data = self._files.read(path)
+        else:
+            # one read: a sysfs attribute is at most a page.  O_NONBLOCK: a FIFO planted in a
+            # stand-in directory must not hang the loop
+            data = read_bytes(path, limit=4096, nonblock=True)
+        return data.decode(errors="replace").strip()
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -101,9 +112,7 @@ class KsmSysfs:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
         path = self._prefix + name  # a string, not a Path: read every tick
         try:
-            # one read: a sysfs attribute is at most a page.  O_NONBLOCK: a FIFO planted in a
-            # stand-in directory must not hang the loop
-            text = read_bytes(path, limit=4096, nonblock=True).decode(errors="replace").strip()
+            text = self._read(path)
         except OSError as e:
             raise _wrap(e, path, "read") from None
         return _selected(text)
@@ -168,7 +177,7 @@ class KsmSysfs:
             text = known.get(prefix + name)
             if text is None:
                 try:
-                    text = _selected(read_bytes(prefix + name, limit=4096, nonblock=True).decode(errors="replace").strip())
+                    text = _selected(self._read(prefix + name))
                 except OSError:
                     failed = True
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Callable
 
 from .errors import MeminfoError
 from .procfs import read_record
@@ -55,9 +56,10 @@ def _parse_strictly(text: str, filename: str) -> dict[str, int]:
     return fields
 
 
-def read_meminfo(path: Path = DEFAULT_MEMINFO) -> dict[str, int]:
+def read_meminfo(path: Path | str = DEFAULT_MEMINFO, read: Callable[[str], bytes] = read_record) -> dict[str, int]:
+    """Parsed /proc/meminfo; ``read`` reads the file (the daemon's keeps it open)."""
     try:
-        text = read_record(path).decode(errors="replace")
+        text = read(path).decode(errors="replace")
     except OSError as e:
         raise MeminfoError(f"{path}: cannot read: {e.strerror}", path=str(path), errno=e.errno) from None
     return parse_meminfo(text, path if isinstance(path, str) else str(path))

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from . import __version__
 from .guests import Guest
 from .ksm import DEFAULT_SYSFS, KsmSysfs
-from .procfs import read_record
+from .procfs import OpenFiles, read_record
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,14 @@ _compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 # --- /proc readers -------------------------------------------------------------------------
 
-def read_proc_stat(procfs: Path, pid: int | str) -> tuple[str, list[str]]:
+def read_proc_stat(procfs: Path | str, pid: int | str,
+                   read: Callable[[str], bytes] = read_record) -> tuple[str, list[str]]:
     """(comm, fields from field 3 on) of /proc/PID/stat; field n (1-based) is ``rest[n - 3]``.
 
     comm may contain spaces and parentheses: it is everything between the first '(' and
     the last ')'.  Raises OSError or ValueError.
     """
-    raw = read_record(f"{procfs}/{pid}/stat").decode()
+    raw = read(f"{procfs}/{pid}/stat").decode()
     left, right = raw.index("("), raw.rindex(")")
     return raw[left + 1:right], raw[right + 2:].split()
 
@@ -72,6 +73,7 @@ class Ksmd:
     def __init__(self, procfs: Path = Path("/proc")):
         self.procfs = Path(procfs)
         self._proc = str(self.procfs)  # per tick: a str, no pathlib
+        self._files = OpenFiles(self._proc, limit=1)  # ksmd's stat, read every tick
         self.pid: int | None = None
         self._searched = False
 
@@ -92,7 +94,7 @@ class Ksmd:
     def _times(self, pid: int) -> tuple[float, float] | None:
         """(utime+stime seconds, seconds since ksmd started) or None if pid is not ksmd."""
         try:
-            comm, rest = read_proc_stat(self._proc, pid)
+            comm, rest = read_proc_stat(self._proc, pid, self._files.read)
             if comm != "ksmd":
                 return None
             return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS, int(rest[19]) / CLOCK_TICKS

@@ -278,3 +278,18 @@ def test_the_running_daemon_maps_no_heavy_library(tmp_path):
                 "('pydantic', 'pydantic_core', 'prometheus_client', 'email') or m == 'importlib.metadata'))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_descriptors_kept_open_do_not_grow_with_ticks(tmp_path):
+    """The daemon keeps /proc files it reads every tick open; the count stays flat."""
+    with DaemonProc(tmp_path, PRESSURE) as d:
+        def fds():
+            return sorted(os.readlink(f"/proc/{d.pid}/fd/{n}") for n in os.listdir(f"/proc/{d.pid}/fd"))
+        d.signal(signal.SIGUSR1)
+        d.wait_ticks(2)
+        first = fds()
+        assert "/proc/meminfo" in first and "/proc/loadavg" in first
+        for n in range(3, 23):
+            d.signal(signal.SIGUSR1)
+            d.wait_ticks(n)
+        assert fds() == first

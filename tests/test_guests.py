@@ -597,3 +597,25 @@ def test_a_daemonized_guest_is_found_once_its_parent_exits(fakes, tmp_path):
         assert {p.pid, child} & {g.pid for g in finder.scan()} == {child}
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_guest_s_files_stay_open_while_it_lives_and_close_when_it_exits(fakes, tmp_path):
+    """On the real /proc the finder keeps each guest's statm and ksm_stat open (one pread per
+    scan); a guest that exits takes its descriptors with it, and a new finder after reload
+    closes the old one's."""
+    g = fakes.start("qemu-system-x86_64", "qemu-system-x86_64", ["-enable-kvm", "-name", "kept"])
+    finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+    assert g.pid in _ours(finder.scan(), [g])
+    prefix = f"/proc/{g.pid}/"
+    kept = sorted(p for p in finder._files._fds if p.startswith(prefix))
+    assert kept == [prefix + "ksm_stat", prefix + "statm"]
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        assert g.pid in _ours(finder.scan(), [g])
+    assert len(os.listdir("/proc/self/fd")) == fds  # read again, not opened again
+    os.kill(g.pid, signal.SIGKILL)
+    g.wait()
+    assert g.pid not in _ours(finder.scan(), [g])
+    assert not [p for p in finder._files._fds if p.startswith(prefix)]
+    finder.close()
+    assert len(finder._files) == 0

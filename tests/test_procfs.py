@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ksmtuned.procfs import CHUNK, read_bytes, read_record
+from ksmtuned.procfs import CHUNK, OpenFiles, on_kernel_fs, read_bytes, read_record
 
 
 def _python_read(path) -> bytes:
@@ -74,3 +74,68 @@ def test_no_descriptor_is_left_open(tmp_path):
         with pytest.raises(OSError):
             read_record(tmp_path)
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+# --- OpenFiles: kernel files kept open, read again from offset 0 ------------------------------
+
+GROWER = ("import sys\nblocks = []\nprint('ready', flush=True)\n"
+          "for line in sys.stdin:\n    blocks.append(bytearray(b'x') * (64 << 20))\n    print('grown', flush=True)\n")
+
+
+def _rss_pages(data: bytes) -> int:
+    return int(data.split()[1])
+
+
+def test_a_kept_process_file_reads_the_current_value_and_esrch_once_it_is_gone():
+    p = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    files = OpenFiles("/proc")
+    try:
+        assert files.enabled and p.stdout.readline() == "ready\n"
+        path = f"/proc/{p.pid}/statm"
+        before = _rss_pages(files.read(path))
+        fds = len(os.listdir("/proc/self/fd"))
+        p.stdin.write("grow\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "grown\n"
+        after = _rss_pages(files.read(path))
+        assert after >= before + (60 << 20) // os.sysconf("SC_PAGE_SIZE"), (before, after)
+        assert len(files) == 1 and len(os.listdir("/proc/self/fd")) == fds  # one descriptor, kept
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(ProcessLookupError):
+        files.read(path)  # bound to the process that is gone, never to a new one with its pid
+    assert len(files) == 0
+
+
+def test_in_a_stand_in_directory_every_read_opens_the_file(tmp_path):
+    """A test's stand-in file may be replaced by a rename, which a kept descriptor would miss."""
+    files = OpenFiles(tmp_path)
+    assert not files.enabled and not on_kernel_fs(tmp_path)
+    f = tmp_path / "meminfo"
+    f.write_text("MemTotal: 1 kB\n")
+    assert files.read(str(f)) == b"MemTotal: 1 kB\n"
+    (tmp_path / "new").write_text("MemTotal: 2 kB\n")
+    (tmp_path / "new").rename(f)
+    assert files.read(str(f)) == b"MemTotal: 2 kB\n" and len(files) == 0
+
+
+def test_past_the_limit_files_are_read_without_being_kept():
+    files = OpenFiles("/proc", limit=1)
+    assert files.read("/proc/meminfo").startswith(b"MemTotal:")
+    assert files.read("/proc/loadavg").count(b" ") == 4
+    assert len(files) == 1
+    files.close_under("/proc/")
+    assert len(files) == 0
+
+
+def test_a_kept_sysfs_file_reads_what_was_written_through_another_descriptor(real_ksm):
+    files = OpenFiles(real_ksm)
+    assert files.enabled
+    path = f"{real_ksm}/pages_to_scan"
+    for value in ("123", "4567", "89"):
+        with open(path, "w") as f:
+            f.write(value)
+        assert files.read(path).strip() == value.encode()
+    assert len(files) == 1
+    files.close_all()
