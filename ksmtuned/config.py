@@ -338,15 +338,12 @@ class Settings:
         unknown = set(values) - set(KEYS)
         if unknown:
             raise SettingsError([(None, f"unknown keys {', '.join(sorted(unknown))}")])
-        problems, kwargs = [], {}
-        for alias, value in values.items():
-            try:
-                kwargs[KEYS[alias]] = _FIELDS[KEYS[alias]].metadata["convert"](value)
-            except ValueError as e:
-                problems.append((alias, str(e)))
-        if problems:
-            raise SettingsError(problems)
-        return cls(**kwargs)
+        try:
+            return cls(**{KEYS[alias]: value for alias, value in values.items()})
+        except SettingsError as e:  # __post_init__ found them, in field order: report in the caller's
+            order = list(values)
+            e.problems.sort(key=lambda p: order.index(p[0]) if p[0] in order else len(order))
+            raise
 
     @staticmethod
     def default(alias: str) -> object:

@@ -111,7 +111,7 @@ class Daemon:
     # --- start and reload -----------------------------------------------------------
     def start(self) -> None:
         """Compute the limits from MemTotal once, and print the start lines."""
-        total = meminfo.total_kib(meminfo.read_meminfo(self.meminfo_path), str(self.meminfo_path))
+        total = meminfo.total_kib(meminfo.read_meminfo(self._meminfo_file, self._files.read), self._meminfo_file)
         self.limits = limits_for(total, self.settings.tuning())
         self.debug_log.write(start_lines(self.limits))
         log.info(

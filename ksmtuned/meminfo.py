@@ -62,7 +62,7 @@ def read_meminfo(path: Path | str = DEFAULT_MEMINFO, read: Callable[[str], bytes
         text = read(path).decode(errors="replace")
     except OSError as e:
         raise MeminfoError(f"{path}: cannot read: {e.strerror}", path=str(path), errno=e.errno) from None
-    return parse_meminfo(text, path if isinstance(path, str) else str(path))
+    return parse_meminfo(text, str(path))
 
 
 def require(fields: dict[str, int], name: str, filename: str = str(DEFAULT_MEMINFO)) -> int:
