@@ -423,3 +423,48 @@ def build_settings(
             problems.append(f"{where}: {alias}: {message}, got {values.get(alias, Settings.default(alias))!r}")
         raise ConfigError("\n".join(problems)) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
+
+
+#: The documentation of each key: (unit, range in words, meaning).  The man page ksmtuned.conf(5)
+#: and the README's table are generated from this and the fields (defaults) by reference_rows().
+REFERENCE: dict[str, tuple[str, str, str]] = {
+    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", "> 0, <= 86400", "time between adjusts"),
+    "KSM_SLEEP_MSEC": ("ms, for a 16 GiB host", "0 - 10,000,000",
+                       "ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms"),
+    "KSM_NPAGES_BOOST": ("pages", ">= 0", "added to npages when free < threshold"),
+    "KSM_NPAGES_DECAY": ("pages", "<= 0", "added to npages otherwise, while KSM runs"),
+    "KSM_NPAGES_MIN": ("pages", ">= 0", "lower clamp of pages_to_scan"),
+    "KSM_NPAGES_MAX": ("pages", ">= KSM_NPAGES_MIN", "upper clamp of pages_to_scan"),
+    "KSM_THRES_COEF": ("% of RAM", "0 - 100", "free-memory threshold"),
+    "KSM_THRES_CONST": ("kB", ">= 0", "the threshold is at least this"),
+    "LOGFILE": ("path", "", "where the debug lines go (else standard output)"),
+    "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
+    "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
+    "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
+    "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
+    "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
+    "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
+    "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
+}
+
+
+def _default_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "1" if value else "unset"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def reference_rows() -> list[tuple[str, str, str, str, str]]:
+    """(key, unit, default, range, meaning) for every setting, in the model's order: the source
+    of the documentation tables, so they cannot drift from the model."""
+    rows = []
+    for alias in KEYS:
+        unit, range_, meaning = REFERENCE.get(alias, ("", "", ""))
+        rows.append((alias, unit, _default_text(Settings.default(alias)), range_, meaning))
+    return rows
