@@ -69,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuners", metavar="LIST", help="budget: a subset of flat,old,ours,budget,defaults,advisor; "
                    "rows not re-run are kept from today's <date>-budget.json")
     p.add_argument("--repeats", type=int, default=1, metavar="N", help="budget: runs of each daemon and flat out")
+    p.add_argument("--doc", metavar="PATH", help="budget: also write the 'Measured' section of PATH (docs/budget.md)")
     p.add_argument("--interval-s", type=float, metavar="S", help="budget: KSM_MONITOR_INTERVAL of the daemons "
                    "(default: theirs, 60)")
     args = p.parse_args(argv)
     if args.render:
         path = Path(args.render)
         res = json.loads(path.read_text())
+        if "scenarios" in res:  # a budget results file
+            return _budget_write(res, path.parent, path.stem, args.doc, [res["command"]])
         return _write(res, path.parent, path.stem, args.readme, broken=False)
     wanted = list(MEASUREMENTS[:3]) + (["soak"] if args.soak else [])
     if args.only:
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _budget(args, out_dir: Path, date: str, command: str) -> int:
     """The issue-12 benchmark: <out>/<date>-budget.{json,md,png}; rows not re-run are kept."""
-    from . import budget, budget_report
+    from . import budget
 
     stem = f"{date}-budget"
     path = out_dir / f"{stem}.json"
@@ -166,17 +169,31 @@ def _budget(args, out_dir: Path, date: str, command: str) -> int:
         rc = 1
     res["host"]["loadavg_end"] = _loadavg()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
+    _budget_write(res, out_dir, stem, args.doc, [command])
+    _log(f"results: {path}, {stem}.md, {stem}.png ({res['elapsed_s']} s)")
+    return rc
+
+
+def _budget_write(res: dict, out_dir: Path, stem: str, doc_path: str | None, command: list[str]) -> int:
+    """<stem>.md, <stem>.png (and the 'Measured' section of doc_path) from a budget result."""
+    from . import budget_report
+
     png = None
     if "scenarios" in res:
         why = budget_report.plot(res, out_dir / f"{stem}.png")
         png = None if why else f"{stem}.png"
         if why:
             _log(f"   no plot: {why}")
-        (out_dir / f"{stem}.md").write_text(budget_report.markdown(res, png, " and ".join(
-            f"`{c}`" for c in res.get("commands", [command])).strip("`")))
-    path.write_text(json.dumps(res, separators=(",", ":"), default=str) + "\n")
-    _log(f"results: {path}, {stem}.md" + (f", {png}" if png else "") + f" ({res['elapsed_s']} s)")
-    return rc
+        cmds = " and ".join(f"`{c}`" for c in res.get("commands", command)).strip("`")
+        (out_dir / f"{stem}.md").write_text(budget_report.markdown(res, png, cmds))
+        if doc_path:
+            doc = Path(doc_path)
+            rel = os.path.relpath(out_dir.resolve(), doc.resolve().parent)
+            text = doc.read_text() if doc.exists() else "# The budget policy\n"
+            doc.write_text(budget_report.splice_section(text, budget_report.doc_section(
+                res, f"{rel}/{stem}.md", f"{rel}/{png}" if png else None, cmds)))
+    (out_dir / f"{stem}.json").write_text(json.dumps(res, separators=(",", ":"), default=str) + "\n")
+    return 0
 
 
 def _write(res: dict, out_dir: Path, stem: str, readme: str | None, broken: bool) -> int:

@@ -112,11 +112,15 @@ def params_for(quick: bool, steady_s: float | None, interval_s: float | None) ->
 
 
 def budget_support() -> str | None:
-    """None when this checkout's daemon knows KSM_POLICY=budget, else why not."""
-    for path in (common.REPO / "ksmtuned").rglob("*.py"):
-        if "KSM_POLICY" in common.read_text(path):
-            return None
-    return "this checkout has no KSM_POLICY setting yet (branch `budget` not merged)"
+    """None when this checkout's daemon runs KSM_POLICY=budget (the setting, and the loop using
+    it: the setting lands first on the `budget` branch), else why not."""
+    pkg = common.REPO / "ksmtuned"
+    has = lambda where, word: any(word in common.read_text(f) for f in where)  # noqa: E731
+    if not has(pkg.rglob("*.py"), "KSM_POLICY"):
+        return "this checkout has no KSM_POLICY setting yet (branch `budget` not merged)"
+    if not has((pkg / "engine").rglob("*.py"), "budget"):
+        return "this checkout's daemon loop (ksmtuned/engine) does not use the budget policy yet"
+    return None
 
 
 # --- workloads ------------------------------------------------------------------------------

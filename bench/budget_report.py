@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .budget import ADAPTIVE, LABELS, SCENARIO_LABELS, SCENARIOS, TUNERS
+from .budget import FIXED_STEADY_S as FIXED_S, LABELS, SCENARIO_LABELS, SCENARIOS, TUNERS
 
 #: pages saved may differ by this share between runs that merged the same memory
 SAVED_TOLERANCE = 0.01
@@ -56,7 +56,7 @@ def goals(res: dict) -> list[dict]:
         b = get(sc, "budget")
         st = (b or {}).get("steady")
         if not st:
-            g.append({"goal": f"steady ksmd CPU ≤ {limit} %", "scenario": sc, "measured": "not measured", "met": None})
+            g.append({"goal": f"steady ksmd CPU ≤ {limit} % of one core", "scenario": sc, "measured": "not measured", "met": None})
             continue
         rep = ", ".join(_f(x["steady_pct"], 2, " %") for x in b["repeats"]) if len(b["repeats"]) > 1 else None
         g.append({"goal": f"steady ksmd CPU ≤ {limit} % of one core", "scenario": sc,
@@ -190,3 +190,51 @@ def plot(res: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=70)
     plt.close(fig)
     return None
+
+
+def doc_section(res: dict, md_rel: str, png_rel: str | None, command: str) -> str:
+    """docs/budget.md's "Measured" section: the goals, a compact table per scenario, the plot."""
+    p = res["params"]
+    loads = [r.get("loadavg", ["?"])[0].split()[0] for sc in rows(res).values() for r in sc.values() if r.get("loadavg")]
+    L = ["## Measured", "",
+         f"Measured on {res['date']} on the shared 2-CPU development VM ({res['host']['kernel']}, load average "
+         f"{min(loads, default='?')}–{max(loads, default='?')} at the runs' starts) with `{command}`; every number, "
+         f"the samples and the settings in [`{md_rel}`]({md_rel}) and its JSON. {p['guests']} paused QEMU guests × "
+         f"{p['guest_mib']} MiB; the daemons at their default settings with KSM_THRES_COEF=100 (pressure: KSM on); "
+         f"steady windows {p['steady_s']:.0f} s for the daemons (the issue asks ≥ 600 s: `--steady-s 600` runs "
+         f"that, 6 h for everything), ≤ {min(p['steady_s'], FIXED_S):.0f} s for the fixed-rate tuners.", ""]
+    gs = goals(res)
+    if gs:
+        L += ["| goal | scenario | measured | met |", "|---|---|---|---|"]
+        for x in gs:
+            L.append(f"| {x['goal']} | {x['scenario']} | {x['measured']} | "
+                     f"{'yes' if x['met'] else ('no' if x['met'] is False else '–')} |")
+        L.append("")
+    L += ["| scenario | tuner | t90 (× flat out) | steady ksmd CPU | pages saved (end) | saved per ksmd CPU-s |",
+          "|---|---|---:|---:|---:|---:|"]
+    for sc, tr in rows(res).items():
+        ft = tr.get("flat", {}).get("t90_s")
+        for t, r in tr.items():
+            st = r["steady"] or {}
+            t90 = r["t90_s"]
+            t90s = (f"{t90:.1f} s" + (f" ({t90 / ft:.1f}×)" if ft and t != "flat" else "")) if t90 is not None else \
+                ("never" if not r["target_merged"] else f"> {r['total_s']:.0f} s")
+            L.append(f"| {SCENARIO_LABELS[sc]} | {LABELS[t]} | {t90s} | {_f(st.get('ksmd_cpu_pct'), 3, ' %')} "
+                     f"| {r['final_pages_sharing']:,} | {_f(st.get('saved_per_cpu_s'), 0)} |")
+    L.append("")
+    if png_rel:
+        L += [f"![pages saved and ksmd CPU against time, per scenario]({png_rel})", ""]
+    return "\n".join(L)
+
+
+
+def splice_section(doc: str, section: str) -> str:
+    """doc with its "## Measured" section (up to the next "## " heading) replaced, or appended."""
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, x in enumerate(lines) if x.strip() == "## Measured")
+    except StopIteration:
+        return doc.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[:start] + section.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
+                     + lines[end:]) + "\n"
