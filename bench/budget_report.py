@@ -25,6 +25,13 @@ def combined(runs: list[dict]) -> dict:
     return r
 
 
+def _daemon_cpu(r: dict) -> str:
+    c = r.get("daemon_cpu_s")
+    if c is None:
+        return "–"
+    return f"{c:.2f} ({100 * c / r['total_s']:.2f} %)" if r.get("total_s") else f"{c:.2f}"
+
+
 def rows(res: dict) -> dict[str, dict[str, dict]]:
     out = {}
     for sc in SCENARIOS:
@@ -106,7 +113,7 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
     for sc, tr in rows(res).items():
         L += [f"## {SCENARIO_LABELS[sc]}", "",
               "| tuner | t50 | t90 | t90 / flat | ksmd CPU-s to 90 % | steady ksmd CPU | window | pages saved (end) "
-              "| saved per ksmd CPU-s (steady) | cow_ksm/s | daemon CPU-s | final pages / sleep | load (start → end) |",
+              "| saved per ksmd CPU-s (steady) | cow_ksm/s | daemon CPU-s (% of the run) | final pages / sleep | load (start → end) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         ft = tr.get("flat", {}).get("t90_s")
         for t, r in tr.items():
@@ -121,7 +128,7 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
             L.append(f"| {LABELS[t]} | {_f(r['t50_s'], 1, ' s')} | {t90s} | {_f(t90 / ft if t90 and ft else None, 1, '×')} "
                      f"| {_f(r['ksmd_cpu_s_to_90'], 2)} | {steady} | {_f(st.get('window_s'), 0, ' s')} "
                      f"| {r['final_pages_sharing']:,} | {_f(st.get('saved_per_cpu_s'), 0)} | {_f(st.get('cow_ksm_per_s'), 0)} "
-                     f"| {_f(r.get('daemon_cpu_s'), 2)} | {r['final_pages_to_scan']} / {r['final_sleep_millisecs']} ms "
+                     f"| {_daemon_cpu(r)} | {r['final_pages_to_scan']} / {r['final_sleep_millisecs']} ms "
                      f"| {load[0].split()[0]} → {load[1].split()[0]} |")
         if sc == "staggered":
             for t, r in tr.items():
