@@ -361,10 +361,11 @@ class Host:
 
 
 class Churner:
-    """Rewrites ``per_s`` random pages of a process each second with new unique data."""
+    """Rewrites ``per_s`` random pages of a process each second: with new unique data, or
+    (``same=True``) with the data they held, so ksmd merges them again and they break again."""
 
-    def __init__(self, host: Host, proc: Proc, per_s: float, seed: int = 7):
-        self.host, self.proc, self.per_s = host, proc, per_s
+    def __init__(self, host: Host, proc: Proc, per_s: float, seed: int = 7, same: bool = False):
+        self.host, self.proc, self.per_s, self.same = host, proc, per_s, same
         self.rng = random.Random(seed)
         self._owed = 0.0
 
@@ -374,7 +375,7 @@ class Churner:
         self._owed -= n
         for _ in range(n):
             i = self.rng.randrange(self.proc.pages)
-            self.host.ksmd.rewrite(self.proc, i, unique_id())
+            self.host.ksmd.rewrite(self.proc, i, self.proc.content[i] if self.same else unique_id())
 
 
 Hook = Callable[[float], None]
@@ -518,3 +519,15 @@ class Budget(Tuner):
                 out.append((t, d.mode))
                 last = d.mode
         return out
+
+
+def sleep_wall_s_measured(sleep_ms: int, hz: int, phases: int = 200) -> float:
+    """The simulator's mean sleep for ``sleep_ms``, over batch ends spread across a jiffy."""
+    k = Ksmd(hz=hz)
+    k.sleep_millisecs = sleep_ms
+    jiffy = 1e9 / hz
+    total = 0.0
+    for i in range(phases):
+        at = 1e9 + jiffy * i / phases
+        total += k._sleep_ns(at) - at
+    return total / phases / 1e9

@@ -41,6 +41,13 @@ MAX_BATCH_PAGES = 1_000_000
 #: A new batch is written only when it differs from the one in force by more than this
 #: fraction (pages_to_scan is cheap to write, but a jittering value is noise in the logs).
 HYSTERESIS = 0.125
+#: The windows (s) over which the cost of a visit is averaged, per mode: a burst must follow
+#: the content quickly; steady spans several of smart scan's skipping cycles.
+BURST_COST_WINDOW_S = 3.0
+STEADY_COST_WINDOW_S = 300.0
+#: Steady mode also watches ksmd's CPU itself over about this long, and cuts the batch when
+#: it runs over the budget (the cost estimate lags when the content changes under it).
+STEADY_CPU_WINDOW_S = 60.0
 #: Churn: the weight of one tick in the moving average is dt / CHURN_WINDOW_S.
 CHURN_WINDOW_S = 60.0
 #: The churn factor never lowers the steady budget below this fraction of it.
@@ -137,8 +144,11 @@ class BudgetState:
     mark_pages_scanned: Optional[int] = None
     last_pass_gain: Optional[int] = None  # pages saved gained per pass, over the last passes seen
     pass_pages: Optional[int] = None  # pages ksmd visits per full pass (measured)
-    cost_ns_per_page: float = PRIOR_COST_NS_PER_PAGE  # steady visits (mostly merged pages: cheap)
-    burst_cost_ns_per_page: float = PRIOR_COST_NS_PER_PAGE  # burst visits (first visits, merges)
+    # (ksmd CPU ns, pages visited) in a decaying window, per mode: their ratio is the cost of a
+    # visit (steady: mostly merged pages, cheap; burst: first visits and merges)
+    steady_acc: Tuple[float, float] = (0.0, 0.0)
+    burst_acc: Tuple[float, float] = (0.0, 0.0)
+    steady_cpu_avg_pct: Optional[float] = None  # ksmd's CPU in steady mode, a moving average
     unvisited_floor: int = 0  # unvisited pages that are not news (left after the last burst)
     cpu_pct: Optional[float] = None  # ksmd's CPU over the last tick, % of one core
     bucket_cpu_s: Optional[float] = None  # None: full
@@ -192,8 +202,9 @@ def _bucket(state: BudgetState, s: BudgetSettings) -> float:
 
 
 def _held(new: int, old: Optional[int]) -> int:
-    """Keep the batch in force unless the new one differs by more than HYSTERESIS."""
-    if old is not None and old > 0 and abs(new - old) <= HYSTERESIS * old:
+    """Keep the batch in force while it is at most HYSTERESIS below the new one (never above:
+    the budget is a ceiling), so small swings in the measured cost rewrite nothing."""
+    if old is not None and old > 0 and new * (1 - HYSTERESIS) <= old <= new:
         return old
     return new
 
@@ -216,17 +227,28 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     new["cpu_pct"] = cpu_pct
     reset = last is not None and sample.full_scans < last.full_scans  # run=2 zeroes full_scans
 
-    # cost per page visit, measured (it varies ~20x with the content: merged pages are cheap)
-    # (kept per mode: the interval just measured was spent in state.mode)
-    costs = {Mode.BURST: state.burst_cost_ns_per_page, Mode.STEADY: state.cost_ns_per_page}
+    # cost per page visit, measured (it varies ~20x with the content: merged pages are cheap),
+    # per mode, as ksmd CPU over pages visited in a decaying window: smart scan's cheap
+    # all-skipped passes and the wake-ups are averaged in, in their proportion
+    acc = {Mode.BURST: state.burst_acc, Mode.STEADY: state.steady_acc}
     measured_in = state.mode if state.mode is not Mode.OFF else None
-    if (measured_in is not None and dcpu_ns is not None and last is not None and sample.pages_scanned is not None
-            and last.pages_scanned is not None and not reset):
-        dpages = sample.pages_scanned - last.pages_scanned
-        if dpages >= 64 and dcpu_ns > 0:
-            # geometric mean with the last estimate: quick, not jumpy
-            costs[measured_in] = math.sqrt(costs[measured_in] * (dcpu_ns / dpages))
-    new["cost_ns_per_page"], new["burst_cost_ns_per_page"] = costs[Mode.STEADY], costs[Mode.BURST]
+    if (measured_in is not None and dcpu_ns is not None and last is not None and not reset
+            and sample.pages_scanned is not None and last.pages_scanned is not None):
+        dpages = max(0, sample.pages_scanned - last.pages_scanned)
+        keep = math.exp(-dt / (BURST_COST_WINDOW_S if measured_in is Mode.BURST else STEADY_COST_WINDOW_S))
+        cpu_acc, pages_acc = acc[measured_in]
+        acc[measured_in] = (cpu_acc * keep + dcpu_ns, pages_acc * keep + dpages)
+    costs = {}
+    for m, prior in ((Mode.BURST, PRIOR_COST_NS_PER_PAGE), (Mode.STEADY, PRIOR_COST_NS_PER_PAGE)):
+        cpu_acc, pages_acc = acc[m]
+        costs[m] = cpu_acc / pages_acc if pages_acc >= 64 else prior
+    new.update(burst_acc=acc[Mode.BURST], steady_acc=acc[Mode.STEADY])
+    # steady ksmd CPU over the last minute or so: what the cost estimate missed is corrected
+    steady_avg = state.steady_cpu_avg_pct
+    if measured_in is Mode.STEADY and cpu_pct is not None:
+        w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
+        steady_avg = cpu_pct if steady_avg is None else (1 - w) * steady_avg + w * cpu_pct
+    new["steady_cpu_avg_pct"] = steady_avg
 
     # the burst bucket: refilled over time, charged with ksmd's CPU while bursting
     bucket = _bucket(state, s)
@@ -240,11 +262,13 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     # churn: merged pages broken by writes (cow_ksm) against merges made, a moving average
     churn = state.churn_ratio
     if dt is not None and last is not None and sample.cow_ksm is not None and last.cow_ksm is not None and not reset:
+        # merges made = net change + merges broken; broken pages that are not merged again
+        # (erosion) cost no re-merging and say nothing; merged again and broken again is churn
         dcow = max(0, sample.cow_ksm - last.cow_ksm)
-        made = max(0, sample.saved_pages - last.saved_pages) + dcow
+        made = max(0, sample.saved_pages - last.saved_pages + dcow)
         if made >= 16:
             w = _clamp(dt / CHURN_WINDOW_S, 0.0, 1.0)
-            churn = (1 - w) * churn + w * (dcow / made)
+            churn = (1 - w) * churn + w * min(1.0, dcow / made)
     new["churn_ratio"] = churn
     churn_factor = _clamp(1.0 - churn, CHURN_FLOOR, 1.0)
 
@@ -373,7 +397,10 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if cap_rate < budget_rate:
             reason_cap = f"capped at one pass per {s.min_pass_s:.0f} s"
             reason = f"{reason}; {reason_cap}" if reason else reason_cap
-        target = min(target, rate * cost / 1e7)  # the CPU it is expected to cost, %
+        target_expected = min(target, rate * cost / 1e7)  # the CPU it is expected to cost, %
+        if steady_avg is not None and steady_avg > target:
+            rate *= max(0.25, target / steady_avg)
+        target = target_expected
         pages = int(_clamp(rate * cycle_s, MIN_BATCH_PAGES, MAX_BATCH_PAGES))
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.STEADY else None)
         next_tick = s.watch_s
