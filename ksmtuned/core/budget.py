@@ -172,6 +172,7 @@ class BudgetDecision:
     cpu_pct: Optional[float]  # ksmd's measured CPU over the last tick
     target_pct: float  # the CPU this decision aims at
     unvisited_kib: int  # guest memory ksmd has no rmap item for (an estimate)
+    to_merge_kib: int  # memory that may still merge: new unvisited memory, and (bursting) pages seen once
     eta_s: Optional[float]  # burst: estimated seconds until it is done
     churn_factor: float
     bucket_cpu_s: float
@@ -184,7 +185,7 @@ class BudgetDecision:
         eta = "" if self.eta_s is None else f", done in ~{self.eta_s:.0f} s"
         return (f"budget {self.mode.value} ({self.reason}): {self.pages_to_scan} pages/"
                 f"{self.sleep_ms} ms for {self.target_pct:.2f} % of a core, ksmd {cpu} %, "
-                f"{self.unvisited_kib // 1024} MiB unvisited{eta}")
+                f"~{self.to_merge_kib // 1024} MiB to merge{eta}")
 
 
 def sleep_wall_s(sleep_ms: int, hz: int) -> float:
@@ -409,6 +410,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     decision = BudgetDecision(
         mode=mode, reason=reason or "", pages_to_scan=pages, sleep_ms=sleep_ms, next_tick_s=next_tick,
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
+        to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,
     )
     return decision, replace(state, **new)
