@@ -359,7 +359,7 @@ class Daemon:
             self.debug_log.write([bd.explain()] + ([f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"]
                                                    if report.writes else []))
         report.duration_s = self.clock() - started
-        if changed:
+        if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
             self._notify(report)
             for observer in self.observers:
                 try:

@@ -44,7 +44,7 @@ def budget_dict(decision) -> dict[str, Any] | None:
     if decision is None:
         return None
     return {
-        "mode": decision.mode.value, "reason": decision.reason, "pages_to_scan": decision.pages_to_scan,
+        "mode": decision.mode.value, "reason": decision.reason, "explain": decision.explain(), "pages_to_scan": decision.pages_to_scan,
         "sleep_ms": decision.sleep_ms, "ksmd_cpu_pct": _round(decision.cpu_pct, 4),
         "target_cpu_pct": _round(decision.target_pct, 4), "unmerged_kib": decision.to_merge_kib,
         "eta_s": _round(decision.eta_s, 1), "churn_factor": _round(decision.churn_factor, 3),
