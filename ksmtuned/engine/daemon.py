@@ -312,13 +312,11 @@ class Daemon:
             log.info("%s (%s)", text, changes)
 
     def _tick_lines(self, decision: Decision, budget: BudgetDecision | None) -> list[str]:
-        """The classic debug lines; under KSM_POLICY=budget the KSMCTL line shows the budget's
-        values, and one more line says the mode and why."""
+        """The classic debug lines; under KSM_POLICY=budget one more line before the last says
+        the budget's mode and why, and the KSMCTL line shows the budget's values."""
         lines = tick_lines(decision)
         if budget is not None and decision.run:
-            lines[-1] = f"KSMCTL start {budget.pages_to_scan} {budget.sleep_ms}"
-        if budget is not None:
-            lines.append(budget.explain())
+            lines[-1:] = [budget.explain(), f"KSMCTL start {budget.pages_to_scan} {budget.sleep_ms}"]
         return lines
 
     def _next_budget_tick(self, budget: BudgetDecision) -> float | None:
@@ -356,8 +354,8 @@ class Daemon:
         if report.writes or changed:
             changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in report.writes) or "no write needed"
             (log.info if changed else log.debug)("%s (%s)", bd.explain(), changes)
-            self.debug_log.write([bd.explain()] + ([f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"]
-                                                   if report.writes else []))
+            if running:
+                self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
         report.duration_s = self.clock() - started
         if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
             self._notify(report)
