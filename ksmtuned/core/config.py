@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
+from .budget import BudgetSettings
 from .policy import Tuning
 
 DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
@@ -316,6 +317,13 @@ class Settings:
     free_metric: str = setting("KSM_FREE_METRIC", "classic", choice("classic", "available"))
     metrics_listen: tuple[str, int] | None = setting("KSM_METRICS_LISTEN", None, to_listen)
     metrics_textfile: str | None = setting("KSM_METRICS_TEXTFILE", None, to_optional_text)
+    # --- the budget policy (docs/budget.md): classic decides whether KSM runs, budget how hard
+    policy: str = setting("KSM_POLICY", "classic", choice("classic", "budget"))
+    budget_burst_pct: float = setting("KSM_BUDGET_BURST_PCT", 80.0, to_number, gt=0, le=100)
+    budget_steady_pct: float = setting("KSM_BUDGET_STEADY_PCT", 0.25, to_number, gt=0, le=100)
+    budget_min_pass_s: float = setting("KSM_BUDGET_MIN_PASS", 200.0, to_number, gt=0, le=86400)
+    budget_watch_s: float = setting("KSM_BUDGET_WATCH", 1.0, to_number, ge=0.1, le=3600)
+    budget_advisor: str = setting("KSM_BUDGET_ADVISOR", "take", choice("take", "leave"))
 
     def __post_init__(self):
         problems = []
@@ -352,6 +360,12 @@ class Settings:
         """{KSM_* key: value}, JSON-ready (tuples as lists)."""
         return {f.metadata["alias"]: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self)}
+
+    def budget(self, hz: int | None = None) -> BudgetSettings:
+        """The budget law's knobs (hz: the kernel's CONFIG_HZ, where known)."""
+        return BudgetSettings(burst_pct=self.budget_burst_pct, steady_pct=self.budget_steady_pct,
+                              min_pass_s=self.budget_min_pass_s, watch_s=self.budget_watch_s,
+                              **({"hz": hz} if hz else {}))
 
     def tuning(self) -> Tuning:
         return Tuning(
@@ -445,6 +459,12 @@ REFERENCE: dict[str, tuple[str, str, str]] = {
     "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
     "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
     "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
+    "KSM_POLICY": ("classic | budget", "", "how hard ksmd scans: the old ramp, or a CPU budget (docs/budget.md)"),
+    "KSM_BUDGET_BURST_PCT": ("% of one core", "> 0, <= 100", "budget: ksmd's CPU while new memory is merged"),
+    "KSM_BUDGET_STEADY_PCT": ("% of one core", "> 0, <= 100", "budget: ksmd's CPU ceiling otherwise"),
+    "KSM_BUDGET_MIN_PASS": ("seconds", "> 0, <= 86400", "budget: merged memory is re-scanned at most once per this"),
+    "KSM_BUDGET_WATCH": ("seconds", "0.1 - 3600", "budget: how often new guests and growth are looked for"),
+    "KSM_BUDGET_ADVISOR": ("take | leave", "", "budget: switch the kernel's advisor off while running (and back), or leave it the scan rate"),
 }
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from .budget import BudgetDecision
 from .config import Settings
 from .policy import Decision, Limits
 
@@ -96,6 +97,8 @@ class TickReport:
     error: str | None = None
     #: KSM files as apply() left them (path -> value, read or written): the state file need not read them again
     knobs: dict[str, str] = field(default_factory=dict)
+    #: KSM_POLICY=budget: the budget law's decision this tick (mode, trigger, CPU, estimates)
+    budget: Optional[BudgetDecision] = None
 
 
 # --- one tick's data -----------------------------------------------------------------------
@@ -141,6 +144,7 @@ class TickData:
     last_success_s: float | None
     page_size: int = PAGE_SIZE
     writes: tuple[dict, ...] = field(default_factory=tuple)
+    budget: Optional[dict] = None  # KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates
 
     @property
     def saved_bytes(self) -> int | None:

@@ -39,6 +39,24 @@ def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
                      ksm_merging_pages=guest.ksm_merging_pages, ksm_profit_bytes=guest.ksm_profit_bytes)
 
 
+def budget_dict(decision) -> dict[str, Any] | None:
+    """KSM_POLICY=budget's decision as the state file shows it (docs/budget.md); None: classic."""
+    if decision is None:
+        return None
+    return {
+        "mode": decision.mode.value, "reason": decision.reason, "explain": decision.explain(), "pages_to_scan": decision.pages_to_scan,
+        "sleep_ms": decision.sleep_ms, "ksmd_cpu_pct": _round(decision.cpu_pct, 4),
+        "target_cpu_pct": _round(decision.target_pct, 4), "unmerged_kib": decision.to_merge_kib,
+        "eta_s": _round(decision.eta_s, 1), "churn_factor": _round(decision.churn_factor, 3),
+        "burst_bucket_cpu_s": _round(decision.bucket_cpu_s, 3),
+        "cost_ns_per_page": _round(decision.cost_ns_per_page, 1),
+    }
+
+
+def _round(x, digits: int):
+    return None if x is None else round(x, digits)
+
+
 def _settings_dict(settings) -> dict[str, Any]:
     by_alias = getattr(settings, "by_alias", None)
     return by_alias() if by_alias is not None else {}
@@ -88,9 +106,10 @@ class Reporter:
         settings = report.settings
         decision = report.decision
         kind = "error" if report.error is not None or decision is None else decision.branch.value
-        self.decisions[kind] += 1
-        self.adjusts += 1
-        self.adjust_seconds_sum += report.duration_s
+        if report.reason != "budget":  # a budget tick between adjusts (docs/budget.md) is no adjust
+            self.decisions[kind] += 1
+            self.adjusts += 1
+            self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
         ksm = self.sysfs.counters(known=report.knobs)  # the knobs as apply() left them
@@ -111,6 +130,7 @@ class Reporter:
             decisions=dict(self.decisions), adjusts=self.adjusts, adjust_seconds_sum=self.adjust_seconds_sum,
             last_success_s=self.last_success_s,
             writes=tuple({"name": w.name, "old": w.old, "new": w.new} for w in (report.writes or ())),
+            budget=budget_dict(getattr(report, "budget", None)),
         )
 
     def __call__(self, report) -> None:
@@ -151,6 +171,7 @@ class Reporter:
             "page_size": data.page_size,
             "ksmd": {"pid": data.ksmd_pid, "cpu_seconds": data.ksmd_cpu_s},
             "guests": [g.__dict__ for g in data.guests],
+            "budget": data.budget,
         }
         text = json.dumps(head, indent=None)
         return (text[:-1] + ', "settings": ' + self._settings_json
