@@ -158,7 +158,9 @@ def _budget(args, out_dir: Path, date: str, command: str) -> int:
     rc = 0
     try:
         res.update(budget.run(args.quick, _log, split(args.scenarios), split(args.tuners), args.steady_s,
-                              args.interval_s, args.repeats, previous))
+                              args.interval_s, args.repeats, previous,
+                              save=lambda partial: path.with_suffix(".partial.json").write_text(
+                                  json.dumps(dict(res, **partial), default=str))))
     except Skip as e:
         _log(f"   skipped: {e}")
         res["skipped"] = str(e)
@@ -170,6 +172,7 @@ def _budget(args, out_dir: Path, date: str, command: str) -> int:
     res["host"]["loadavg_end"] = _loadavg()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     _budget_write(res, out_dir, stem, args.doc, [command])
+    path.with_suffix(".partial.json").unlink(missing_ok=True)
     _log(f"results: {path}, {stem}.md, {stem}.png ({res['elapsed_s']} s)")
     return rc
 

@@ -464,8 +464,9 @@ def summarise(scenario, tuner, samples, events, guests, churn, p, ref) -> dict:
 
 
 def run(quick: bool, log, scenarios=None, tuners=None, steady_s=None, interval_s=None, repeats=1,
-        previous: dict | None = None) -> dict:
-    """Every (scenario, tuner) asked for; rows not re-run are kept from `previous` (same params)."""
+        previous: dict | None = None, save=None) -> dict:
+    """Every (scenario, tuner) asked for; rows not re-run are kept from `previous` (same params).
+    save(partial result) is called after each run (the JSON so far, for whoever watches)."""
     qemu, accel = preconditions()
     ksmd = common.find_kthread("ksmd")
     if ksmd is None:
@@ -506,7 +507,9 @@ def run(quick: bool, log, scenarios=None, tuners=None, steady_s=None, interval_s
                                 None if tuner == "flat" else ref, log)
                     log("   " + one_line(r))
                     rs.append(r)
-                runs[tuner] = rs
+                    runs[tuner] = rs
+                    if save:
+                        save(res)
                 if tuner == "flat":
                     ref = _median_run(rs)
             res["scenarios"][sc]["label"] = SCENARIO_LABELS[sc]
