@@ -369,6 +369,8 @@ def _sample(scenario, tuner, p, workdir, accel, images, thp, guests, churn, ksmd
              "general_profit": _ri("general_profit"), "full_scans": _ri("full_scans"),
              "ksmd_cpu_s": round((common.runtime_ns(ksmd) - ns0) / 1e9, 5), "cow_ksm": cow_ksm() - cow0,
              "pages_to_scan": _ri("pages_to_scan"), "sleep_millisecs": _ri("sleep_millisecs"), "run": _ri("run")}
+        if len(samples) % 25 == 0:  # every ~5 s: other people's guest-like processes (they can trigger bursts)
+            s["foreign_guests"] = max(0, common.count_guest_like() - len(guests))
         samples.append(s)
         all_started = not to_start and all(g.ready_at is not None for g in guests)
         if reached_at is None and all_started:
@@ -453,6 +455,7 @@ def summarise(scenario, tuner, samples, events, guests, churn, p, ref) -> dict:
         "final_pages_to_scan": last["pages_to_scan"], "final_sleep_millisecs": last["sleep_millisecs"],
         "total_s": last["t"], "total_ksmd_cpu_s": last["ksmd_cpu_s"],
         "events": events,
+        "foreign_guests_max": max((x.get("foreign_guests", 0) for x in samples), default=0),
     })
     step = max(1, len(samples) // 600)
     keep = samples[::step] + ([last] if (len(samples) - 1) % step else [])

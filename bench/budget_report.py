@@ -130,6 +130,10 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
                      f"| {r['final_pages_sharing']:,} | {_f(st.get('saved_per_cpu_s'), 0)} | {_f(st.get('cow_ksm_per_s'), 0)} "
                      f"| {_daemon_cpu(r)} | {r['final_pages_to_scan']} / {r['final_sleep_millisecs']} ms "
                      f"| {load[0].split()[0]} → {load[1].split()[0]} |")
+        fg = {t: r.get("foreign_guests_max") for t, r in tr.items() if r.get("foreign_guests_max")}
+        if fg:
+            L.append("\nOther people's guest-like processes seen during the run (at most, sampled every 5 s): "
+                     + ", ".join(f"{LABELS[t]} {n}" for t, n in fg.items()) + ".")
         if sc == "staggered":
             for t, r in tr.items():
                 if r.get("per_guest"):
