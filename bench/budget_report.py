@@ -96,7 +96,7 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
          f"rewritten every {p['churn_period_s']:.0f} s. Daemons: default settings, KSM_THRES_COEF=100, "
          f"KSM_MONITOR_INTERVAL={p['interval_s'] or '60 (default)'}.",
          f"Merged = the workload's own `ksm_merging_pages`; 50 % / 90 % are of what flat out merged in the same "
-         f"scenario. Pages saved = `pages_sharing`. Steady ksmd CPU = `/proc/<ksmd>/schedstat` over the steady "
+         f"scenario (measured by the same invocation). Pages saved = `pages_sharing`. Steady ksmd CPU = `/proc/<ksmd>/schedstat` over the steady "
          f"window, which starts once merging levelled off (or the {p['merge_timeout_s']} s merge timeout): "
          f"{p['steady_s']:.0f} s for the daemons, at most {min(p['steady_s'], 20):.0f} s for the fixed-rate tuners. "
          f"Saved per CPU-s = mean pages saved in the window × window ÷ ksmd CPU-seconds in it.", ""]
