@@ -401,8 +401,46 @@ def _sample(scenario, tuner, p, workdir, accel, images, thp, guests, churn, ksmd
 
 
 def _per_guest_reached(guests, per_guest, ref) -> bool:
-    want = ref.get("final_guest_merged") or []
+    want = ref.get("guest_targets") or ref.get("final_guest_merged") or []
     return all(m >= 0.9 * w for m, w in zip(per_guest, want))
+
+
+def _ready_times(events: list[dict]) -> dict[int, float]:
+    return {int(e["event"].split()[1]): e["t"] for e in events if e["event"].endswith(" ready")}
+
+
+def staggered_targets(samples: list[dict], events: list[dict]) -> list[int]:
+    """What guest i had merged (in the reference run) before guest i+1 was ready, the last guest
+    at the end: guest 0's common pages have nothing to merge with until guest 1 is there, so
+    "from its own start" means: the part of its memory it can merge while it is the newest."""
+    ready = _ready_times(events)
+    n = len(samples[-1].get("guest_merged") or [])
+    out = []
+    for i in range(n):
+        until = ready.get(i + 1, float("inf"))
+        vals = [x["guest_merged"][i] for x in samples if x["t"] < until and i < len(x.get("guest_merged") or [])]
+        out.append(max(vals, default=0))
+    return out
+
+
+def staggered_times(samples: list[dict], events: list[dict], targets: list[int]) -> dict:
+    """Per guest, from its own start (ready): t50 / t90 of its target; the slowest guest's."""
+    ready = _ready_times(events)
+    per = []
+    for i, w in enumerate(targets):
+        r = ready.get(i)
+        row = {"guest": i, "ready_t": r, "target": w}
+        for share in (50, 90):
+            hit = None
+            if w and r is not None:
+                hit = next((x for x in samples if x["t"] >= r and i < len(x.get("guest_merged") or [])
+                            and x["guest_merged"][i] >= share / 100 * w), None)
+            row[f"t{share}_s"] = round(hit["t"] - r, 2) if hit else None
+        per.append(row)
+    t90s, t50s = [g["t90_s"] for g in per], [g["t50_s"] for g in per]
+    return {"per_guest": per, "guest_targets": targets,
+            "t90_s": None if not per or any(t is None for t in t90s) else max(t90s),
+            "t50_s": None if not per or any(t is None for t in t50s) else max(t50s)}
 
 
 def _cross(samples, key, value, index=None):
@@ -422,22 +460,9 @@ def summarise(scenario, tuner, samples, events, guests, churn, p, ref) -> dict:
         out[f"t{share}_s"] = s["t"] if s else None
         out[f"ksmd_cpu_s_to_{share}"] = s["ksmd_cpu_s"] if s else None
     if scenario == "staggered":
-        per = []
-        want = (ref or {}).get("final_guest_merged") or last["guest_merged"]
-        ready = {}
-        for e in events:
-            if e["event"].endswith("ready"):
-                ready[int(e["event"].split()[1])] = e["t"]
-        for i, w in enumerate(want):
-            s = _cross(samples, "guest_merged", 0.9 * w, i) if w else None
-            s50 = _cross(samples, "guest_merged", 0.5 * w, i) if w else None
-            per.append({"guest": i, "ready_t": ready.get(i), "t50_s": round(s50["t"] - ready.get(i, 0), 2) if s50 else None,
-                        "t90_s": round(s["t"] - ready.get(i, 0), 2) if s else None})
-        out["per_guest"] = per
-        t90s = [g["t90_s"] for g in per]
-        t50s = [g["t50_s"] for g in per]
-        out["t90_s"] = None if any(t is None for t in t90s) else max(t90s)  # the slowest guest, from its own start
-        out["t50_s"] = None if any(t is None for t in t50s) else max(t50s)
+        targets = staggered_targets(ref["samples"], ref["events"]) if ref and ref.get("samples") else \
+            staggered_targets(samples, events)
+        out.update(staggered_times(samples, events, targets))
     start = next((i for i, s in enumerate(samples) if s.get("steady_start")), None)
     steady = None
     if start is not None and last["t"] > samples[start]["t"]:
@@ -515,6 +540,8 @@ def run(quick: bool, log, scenarios=None, tuners=None, steady_s=None, interval_s
                         save(res)
                 if tuner == "flat":
                     ref = _median_run(rs)
+                    if sc == "staggered":
+                        ref["guest_targets"] = staggered_targets(ref["samples"], ref["events"])
             res["scenarios"][sc]["label"] = SCENARIO_LABELS[sc]
             for f in images or []:
                 f.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .budget import FIXED_STEADY_S as FIXED_S, LABELS, SCENARIO_LABELS, SCENARIOS, TUNERS
+from .budget import FIXED_STEADY_S as FIXED_S, LABELS, SCENARIO_LABELS, SCENARIOS, TUNERS, staggered_targets, staggered_times
 
 #: pages saved may differ by this share between runs that merged the same memory
 SAVED_TOLERANCE = 0.01
@@ -66,6 +66,12 @@ def rows(res: dict) -> dict[str, dict[str, dict]]:
         runs = res["scenarios"].get(sc, {}).get("runs", {})
         if runs:
             out[sc] = {t: combined(runs[t]) for t in TUNERS if runs.get(t)}
+    st = out.get("staggered", {})
+    if st.get("flat") and "guest_merged" in st["flat"]["samples"][-1]:
+        # per guest from its own start, against flat out's merges while that guest was the newest
+        targets = staggered_targets(st["flat"]["samples"], st["flat"]["events"])
+        for r in st.values():
+            r.update(staggered_times(r["samples"], r["events"], targets))
     return out
 
 
@@ -166,7 +172,8 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
         if sc == "staggered":
             for t, r in tr.items():
                 if r.get("per_guest"):
-                    L.append(f"\n{LABELS[t]}, per guest (t50 / t90 from its own start): " + ", ".join(
+                    L.append(f"\n{LABELS[t]}, per guest (t50 / t90 from its own start, of what flat out merged of it "
+                             "before the next guest came): " + ", ".join(
                         f"guest {g['guest']} {_f(g['t50_s'], 1)} / {_f(g['t90_s'], 1)} s" for g in r["per_guest"]))
         if sc == "thp":
             for t, r in tr.items():
