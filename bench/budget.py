@@ -332,8 +332,10 @@ def run_one(scenario: str, tuner: str, p: dict, workdir: Path, ksmd: int, accel:
     r.update({"daemon_cpu_s": daemon_cpu_s, "lock_held_s": round(lock_s, 1), "loadavg": [" ".join(load0), " ".join(load1)],
               "foreign_mergeable": foreign_start + foreign_end})
     if daemon is not None:
-        low = daemon_log.lower()
-        r["thp_warning"] = "transparent huge pages" in low or "transparent_hugepage" in low
+        # the warning about *our* guests (other people's processes get THP warnings too)
+        thp_lines = [x for x in daemon_log.splitlines() if "transparent huge pages" in x.lower() and "ksmbench" in x]
+        r["thp_warning"] = bool(thp_lines)
+        r["thp_warning_lines"] = thp_lines[:3]
         r["daemon_log_tail"] = daemon_log[-1500:]
     return r
 
