@@ -42,14 +42,17 @@ def unique_id() -> int:
 
 @dataclass(frozen=True)
 class Costs:
-    """ksmd's CPU per event, ns."""
+    """ksmd's CPU per event, ns: /work/coord/calibration.md (budgetbench, this machine,
+    kernel 6.18, 2026-12-02; +-50 %, content-dependent), which measured per visit over the two
+    merge passes 1370 (zero), 1670-1880 (identical) and 2280-2460 ns (unique), so with a
+    ~1000 ns first visit, 1700-2700 for a merging second visit and ~3700 for a unique one."""
 
-    wakeup: float = 35_000  # TUNING.md: fit to two classic steady points
-    revisit_merged: float = 180  # a KSM page seen again (TUNING.md fit)
+    wakeup: float = 17_000  # 12-20 us per wake-up (fit intercepts 18-27 us)
+    revisit_merged: float = 180  # 0.16-0.20 us per re-visit of a KSM page
     checksum: float = 1_000  # a first visit, or a page that changed since the last one
-    unique: float = 3_000  # a stable unique page: checksum, stable and unstable tree searches
-    merge: float = 3_000  # a merge (with a KSM page, or with a page of the unstable tree)
-    skip: float = 100  # a page smart scan skips
+    unique: float = 3_700  # a stable unique page: checksum, stable and unstable tree searches
+    merge: float = 2_200  # a merge (with a KSM page, or with a page of the unstable tree)
+    skip: float = 100  # a page smart scan skips (not measured alone: small)
 
 
 def skip_age(age: int) -> int:
