@@ -482,6 +482,10 @@ class Budget(Tuner):
         self._write("sleep_millisecs", sleep_ms, 0.0)
         self._write("run", 1, 0.0)
         self.next_tick_s = 0.0
+        self._law_due = 0.0
+        self._watch_due: Optional[float] = None
+        self._armed: dict = {}
+        self.watches = 0
         self._first = True
 
     def _write(self, name: str, value: int, t: float) -> None:
@@ -500,14 +504,30 @@ class Budget(Tuner):
             guests=tuple(self.b.GuestMemory(p.pid, p.rss_kib) for p in self.host.guests),
             retune=self.retune_next, start=self._first)
 
+    def _guests_now(self) -> dict:
+        return {p.pid: p.rss_kib for p in self.host.guests}
+
     def tick(self, t: float) -> None:
+        if self._watch_due is not None and t < self._law_due and not self.retune_next:
+            # the daemon's cheap watch between steady ticks: a new pid, a guest gone or grown
+            now = self._guests_now()
+            moved = set(now) != set(self._armed) or any(
+                now[p] - self._armed[p] >= self.settings.growth_kib for p in now)
+            if not moved:
+                self._watch_due = t + self.settings.watch_s
+                self.next_tick_s = min(self._law_due, self._watch_due)
+                self.watches += 1
+                return
         d, self.state = self.b.step(self.sample(t), self.state, self.settings)
         self.retune_next = self._first = False
         self.decisions.append((t, d))
         if d.pages_to_scan is not None:
             self._write("pages_to_scan", d.pages_to_scan, t)
             self._write("sleep_millisecs", d.sleep_ms, t)
-        self.next_tick_s = t + (d.next_tick_s if d.next_tick_s is not None else self.interval_s)
+        self._law_due = t + (d.next_tick_s if d.next_tick_s is not None else self.interval_s)
+        self._watch_due = t + self.settings.watch_s if d.mode is self.b.Mode.STEADY else None
+        self._armed = self._guests_now()
+        self.next_tick_s = min(self._law_due, self._watch_due or math.inf)
 
     def retune(self, t: float) -> None:
         """SIGUSR1: a tick now, with retune set."""

@@ -28,7 +28,7 @@ from ..kernel.procfs import OpenFiles
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
-from .budget import BudgetDriver, write_knob
+from .budget import BudgetDriver, Watch, write_knob
 from .guests import GuestFinder
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class Daemon:
         self._hz: int | None = None
         self.budget: BudgetDriver | None = self._make_budget(config.settings)
         self._budget_due: float | None = None  # clock time of the next budget tick
+        self._watch = Watch(str(self.procfs))
+        self._watch_due: float | None = None  # ...and of the next cheap look between steady ticks
 
     # --- construction helpers -------------------------------------------------------
     def _make_debug_log(self, settings: Settings) -> DebugLog:
@@ -202,7 +204,7 @@ class Daemon:
                     self.budget.start(self._budget_writer())
                 report.budget = self.budget.decide(self.clock(), decision.run, guests, retune=reason == "retune")
                 budget_knobs = self.budget.wanted(report.budget)
-                self._budget_due = self._next_budget_tick(report.budget)
+                self._budget_due = self._next_budget_tick(report.budget, guests)
             try:
                 report.writes = self.apply(decision, known=report.knobs, budget_knobs=budget_knobs)
             finally:
@@ -319,8 +321,32 @@ class Daemon:
             lines[-1:] = [budget.explain(), f"KSMCTL start {budget.pages_to_scan} {budget.sleep_ms}"]
         return lines
 
-    def _next_budget_tick(self, budget: BudgetDecision) -> float | None:
-        return None if budget.next_tick_s is None else self.clock() + budget.next_tick_s
+    def _next_budget_tick(self, budget: BudgetDecision, guests: list[Guest] | None = None) -> float | None:
+        """When the law wants its next tick; in steady mode also arm the cheap watch between."""
+        now = self.clock()
+        self._watch_due = None
+        if budget.mode is Mode.STEADY and self.budget is not None:
+            self._watch.arm(guests or ())
+            self._watch_due = now + self.settings.budget_watch_s
+        return None if budget.next_tick_s is None else now + budget.next_tick_s
+
+    def budget_watch(self) -> None:
+        """The cheap look between steady ticks: a full budget tick only if something moved."""
+        assert self.budget is not None
+        growth = self.budget.settings.growth_kib
+        moved = self._watch.changed(growth)
+        if moved == "memory":  # the host's anonymous memory grew: is it a (new) guest's?
+            try:
+                guests = self.guest_finder.scan()
+            except Exception:
+                guests = None
+            if guests is not None and self._watch.same_guests(guests, growth):
+                self._watch.arm(guests)
+                moved = None
+        if moved:
+            self.budget_tick()
+        else:
+            self._watch_due = self.clock() + self.settings.budget_watch_s
 
     def budget_tick(self) -> TickReport | None:
         """A tick of the budget law alone, between two adjusts (bursts, the watch for new guests):
@@ -334,7 +360,7 @@ class Daemon:
             guests = self.guest_finder.scan()
             running = self.last_decision is not None and self.last_decision.run
             bd = self.budget.decide(self.clock(), running, guests)
-            self._budget_due = self._next_budget_tick(bd)
+            self._budget_due = self._next_budget_tick(bd, guests)
             report = TickReport(time_s=self.wall_clock(), duration_s=0.0, reason="budget", settings=self.settings,
                                 limits=self.limits, decision=self.last_decision, guests=guests,
                                 committed_kib=committed_kib(guests, self.settings.ps_metric), budget=bd)
@@ -344,11 +370,13 @@ class Daemon:
             key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
             self._log_failure("budget", str(e), key=key)
             self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
             return None
         except Exception as e:  # the tick boundary
             self._log_failure("budget", f"unexpected error:\n{traceback.format_exc().rstrip()}",
                               key=f"{type(e).__name__}: {e}")
             self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
             return None
         changed = previous is None or previous.mode is not bd.mode
         if report.writes or changed:
@@ -405,8 +433,11 @@ class Daemon:
                 # bursting (a burst's values are never left alone long), and at KSM_BUDGET_WATCH
                 # for new guests and growth otherwise (docs/budget.md, "How the loop wakes")
                 budget_due = self._budget_due if self.budget is not None else None
+                watch_due = self._watch_due if self.budget is not None else None
                 if budget_due is not None:
                     timeout = min(timeout, budget_due - self.clock())
+                if watch_due is not None:
+                    timeout = min(timeout, watch_due - self.clock())
                 if self.notifier.watchdog_s:
                     self.notifier.watchdog()
                     timeout = min(timeout, self.notifier.watchdog_s / 2)
@@ -423,6 +454,9 @@ class Daemon:
                     reason = "interval"
                 elif budget_due is not None and self.clock() >= budget_due:
                     self.budget_tick()
+                    continue
+                elif watch_due is not None and self.clock() >= watch_due:
+                    self.budget_watch()
                     continue
                 else:
                     continue  # a watchdog wake-up
