@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
@@ -172,10 +174,11 @@ def parse_listen(text: str) -> tuple[str, int] | None:
 
 # --- one frozen settings model -------------------------------------------------------------
 #
-# A hand-written model rather than pydantic: importing pydantic and building one model costs
-# the resident daemon about 15 MB (measured: 33 MB RSS with it, 18 MB without), more than half
-# its memory, to check 16 scalar keys (issue 5's target is < 25 MB).  The shape is the one
-# STYLE.md asks for: ranges beside the fields, a cross-field check, the KSM_* names as aliases.
+# pydantic (v2): the ranges stand beside the fields (Field(ge=, le=, gt=)), the cross-field check
+# is a model validator, the historical KSM_* names are the aliases, and the way bash reads
+# numbers is a before-validator, so a value means what it meant to the old daemon or is refused.
+# Only API present since pydantic 2.0 is used (Debian 13 ships 2.10; RHEL 9 runs Python 3.9, so
+# the annotations below use Optional/Tuple: pydantic evaluates them at runtime).
 
 _INTEGER = re.compile(r"[ \t]*[+-]?(0|[1-9][0-9]*)[ \t]*", re.ASCII)
 _NUMBER = re.compile(r"[ \t]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t]*", re.ASCII)
@@ -216,25 +219,25 @@ def to_text(value: object) -> str:
     raise ValueError("expected a text value")
 
 
-def to_optional_text(value: object) -> str | None:
+def to_optional_text(value: object) -> Optional[str]:
     return to_text(value) if value else None
 
 
-def choice(*words: str, also: Mapping[str, str] | None = None) -> Callable[[object], str]:
+def choice(*words: str, also: Optional[Mapping[str, str]] = None) -> Callable[[object], str]:
     """One of `words`, case-insensitive; `also` maps other spellings to one of them."""
     listed = ", ".join(f"'{w}'" for w in words[:-1]) + f" or '{words[-1]}'"
 
     def convert(value: object) -> str:
         word = value.strip().lower() if isinstance(value, str) else value
-        word = (also or {}).get(word, word)
+        word = (also or {}).get(word, word)  # type: ignore[call-overload]
         if word not in words:
             raise ValueError(f"expected {listed}")
-        return word
+        return word  # type: ignore[return-value]
 
     return convert
 
 
-def to_guest_match(value: object) -> tuple[str, ...]:
+def to_guest_match(value: object) -> Tuple[str, ...]:
     if isinstance(value, str):
         items = tuple(item.strip() for item in value.split(",") if item.strip())
     elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
@@ -256,102 +259,146 @@ def to_guest_match(value: object) -> tuple[str, ...]:
     return items
 
 
-def to_listen(value: object) -> tuple[str, int] | None:
+def to_listen(value: object) -> Optional[Tuple[str, int]]:
     if isinstance(value, str):
         return parse_listen(value)
     if value is None:
         return None
-    if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+    if (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], int) and 0 < value[1] < 65536):
-        return value
+        return (value[0], value[1])
     raise ValueError("expected HOST:PORT")
 
 
-def bounded(convert: Callable[[object], Any], ge=None, gt=None, le=None) -> Callable[[object], Any]:
-    """`convert`, then the range check (messages as "expected a value greater than 0")."""
-
-    def check(value: object):
-        v = convert(value)
-        if (gt is not None and not v > gt) or (ge is not None and not v >= ge):
-            raise ValueError(f"expected a value greater than {gt}" if gt is not None
-                             else f"expected a value greater than or equal to {ge}")
-        if le is not None and not v <= le:  # `not <=`: NaN fails too
-            raise ValueError(f"expected a value less than or equal to {le}")
-        return v
-
-    return check
+#: The value types of ksmtuned.conf: pydantic's type, read first as the old daemon read it.
+BashInt = Annotated[int, BeforeValidator(to_integer)]
+BashNumber = Annotated[float, BeforeValidator(to_number)]
+Flag = Annotated[bool, BeforeValidator(to_flag)]
+Text = Annotated[str, BeforeValidator(to_text)]
+OptionalText = Annotated[Optional[str], BeforeValidator(to_optional_text)]
+GuestMatch = Annotated[Tuple[str, ...], BeforeValidator(to_guest_match)]
+Listen = Annotated[Optional[Tuple[str, int]], BeforeValidator(to_listen)]
+PsMetric = Annotated[Literal["rss", "pss", "vsz"], BeforeValidator(choice("rss", "pss", "vsz", also={"rsz": "rss"}))]
+FreeMetric = Annotated[Literal["classic", "available"], BeforeValidator(choice("classic", "available"))]
 
 
-def setting(alias: str, default: object, convert: Callable[[object], Any], **bounds) -> Any:
-    """A Settings field: its ksmtuned.conf key, its default, and how a value is read and checked."""
-    return field(default=default, metadata={"alias": alias, "convert": bounded(convert, **bounds)})
+def setting(alias: str, default: Any, *, unit: str, range_text: str = "", meaning: str, **bounds: Any) -> Any:
+    """A Settings field: its ksmtuned.conf key, its default, its bounds (ge=, gt=, le=) and its
+    documentation (unit, range in words, meaning: the man page's and README's key table)."""
+    return Field(default, alias=alias, description=meaning, json_schema_extra={"unit": unit, "range": range_text},
+                 **bounds)
 
 
 class SettingsError(ValueError):
     """Invalid values: ``problems`` lists (alias, message), alias None for the cross-field check."""
 
-    def __init__(self, problems: list[tuple[str | None, str]]):
+    def __init__(self, problems: List[Tuple[Optional[str], str]]):
         super().__init__("; ".join(f"{a or 'settings'}: {m}" for a, m in problems))
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class Settings:
+def _message(error: Mapping[str, Any]) -> str:
+    """One pydantic error in the words ksmtuned has always used ("expected ...")."""
+    kind = error["type"]
+    # a float field's bound comes back as 0.0: say 0, as the range is written
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (error.get("ctx") or {}).items()}
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "greater_than":
+        return f"expected a value greater than {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"expected a value greater than or equal to {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"expected a value less than or equal to {ctx['le']}"
+    if kind == "less_than":
+        return f"expected a value less than {ctx['lt']}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    return "expected " + str(error["msg"]).replace("Input should be ", "")
+
+
+class Settings(BaseModel):
     """Every setting in force, each field with its historical ksmtuned.conf key (the alias),
-    its default and its range.  Construction checks every value; frozen."""
+    its default and its range.  Construction checks every value (SettingsError); frozen."""
 
-    monitor_interval_s: float = setting("KSM_MONITOR_INTERVAL", 60.0, to_number, gt=0, le=86400)
-    sleep_msec: int = setting("KSM_SLEEP_MSEC", 10, to_integer, ge=0, le=10_000_000)
-    npages_boost: int = setting("KSM_NPAGES_BOOST", 300, to_integer, ge=0, le=2**31 - 1)
-    npages_decay: int = setting("KSM_NPAGES_DECAY", -50, to_integer, ge=-(2**31), le=0)
-    npages_min: int = setting("KSM_NPAGES_MIN", 64, to_integer, ge=0, le=2**32 - 1)
-    npages_max: int = setting("KSM_NPAGES_MAX", 1250, to_integer, ge=0, le=2**32 - 1)
-    thres_coef_pct: int = setting("KSM_THRES_COEF", 20, to_integer, ge=0, le=100)
-    thres_const_kib: int = setting("KSM_THRES_CONST", 2048, to_integer, ge=0, le=2**50)
-    logfile: str | None = setting("LOGFILE", None, to_optional_text)
-    debug: bool = setting("DEBUG", False, to_flag)
-    pidfile: str = setting("PIDFILE", DEFAULT_PIDFILE, to_text)
-    guest_match: tuple[str, ...] = setting("KSM_GUEST_MATCH", MATCHER_NAMES, to_guest_match)
-    ps_metric: str = setting("KSM_PS_METRIC", "rss", choice("rss", "pss", "vsz", also={"rsz": "rss"}))  # rsz: Proxmox
-    free_metric: str = setting("KSM_FREE_METRIC", "classic", choice("classic", "available"))
-    metrics_listen: tuple[str, int] | None = setting("KSM_METRICS_LISTEN", None, to_listen)
-    metrics_textfile: str | None = setting("KSM_METRICS_TEXTFILE", None, to_optional_text)
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    def __post_init__(self):
-        problems = []
-        for f in fields(self):
-            try:
-                object.__setattr__(self, f.name, f.metadata["convert"](getattr(self, f.name)))
-            except ValueError as e:
-                problems.append((f.metadata["alias"], str(e)))
-        if not problems and self.npages_max < self.npages_min:
-            problems.append((None, f"KSM_NPAGES_MAX ({self.npages_max}) must be >= KSM_NPAGES_MIN "
-                                   f"({self.npages_min})"))
-        if problems:
-            raise SettingsError(problems)
+    monitor_interval_s: BashNumber = setting(
+        "KSM_MONITOR_INTERVAL", 60.0, gt=0, le=86400,
+        unit="seconds (decimals allowed)", range_text="> 0, <= 86400", meaning="time between adjusts")
+    sleep_msec: BashInt = setting(
+        "KSM_SLEEP_MSEC", 10, ge=0, le=10_000_000, unit="ms, for a 16 GiB host", range_text="0 - 10,000,000",
+        meaning="ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms")
+    npages_boost: BashInt = setting(
+        "KSM_NPAGES_BOOST", 300, ge=0, le=2**31 - 1,
+        unit="pages", range_text=">= 0", meaning="added to npages when free < threshold")
+    npages_decay: BashInt = setting(
+        "KSM_NPAGES_DECAY", -50, ge=-(2**31), le=0,
+        unit="pages", range_text="<= 0", meaning="added to npages otherwise, while KSM runs")
+    npages_min: BashInt = setting(
+        "KSM_NPAGES_MIN", 64, ge=0, le=2**32 - 1, unit="pages", range_text=">= 0", meaning="lower clamp of pages_to_scan")
+    npages_max: BashInt = setting(
+        "KSM_NPAGES_MAX", 1250, ge=0, le=2**32 - 1,
+        unit="pages", range_text=">= KSM_NPAGES_MIN", meaning="upper clamp of pages_to_scan")
+    thres_coef_pct: BashInt = setting(
+        "KSM_THRES_COEF", 20, ge=0, le=100, unit="% of RAM", range_text="0 - 100", meaning="free-memory threshold")
+    thres_const_kib: BashInt = setting(
+        "KSM_THRES_CONST", 2048, ge=0, le=2**50, unit="kB", range_text=">= 0", meaning="the threshold is at least this")
+    logfile: OptionalText = setting(
+        "LOGFILE", None, unit="path", meaning="where the debug lines go (else standard output)")
+    debug: Flag = setting(
+        "DEBUG", False, unit="flag", meaning="any non-empty value turns the debug log on, except 0, no, false, off")
+    pidfile: Text = setting(
+        "PIDFILE", DEFAULT_PIDFILE, unit="path",
+        meaning="the pid file (usually from the environment, as in the old daemon)")
+    guest_match: GuestMatch = setting(
+        "KSM_GUEST_MATCH", MATCHER_NAMES, unit="list", range_text="redhat, debian, libvirt, proxmox, regex:PATTERN",
+        meaning="which processes are guests")
+    ps_metric: PsMetric = setting(  # rsz: Proxmox's spelling
+        "KSM_PS_METRIC", "rss", unit="rss | pss | vsz", range_text="rsz = rss", meaning="how a guest's memory is counted")
+    free_metric: FreeMetric = setting(
+        "KSM_FREE_METRIC", "classic", unit="classic | available", meaning="MemFree+Buffers+Cached, or MemAvailable")
+    metrics_listen: Listen = setting(
+        "KSM_METRICS_LISTEN", None, unit="host:port or port",
+        meaning="Prometheus /metrics; a bare port binds 127.0.0.1; off when empty")
+    metrics_textfile: OptionalText = setting(
+        "KSM_METRICS_TEXTFILE", None, unit="path",
+        meaning="node_exporter textfile, written atomically each tick; off when empty")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError([(None if not err["loc"] else _alias(err["loc"][0]), _message(err))
+                                 for err in e.errors()]) from None
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> "Settings":
+        if self.npages_max < self.npages_min:
+            raise ValueError(f"KSM_NPAGES_MAX ({self.npages_max}) must be >= KSM_NPAGES_MIN ({self.npages_min})")
+        return self
 
     @classmethod
-    def from_aliases(cls, values: Mapping[str, object]) -> Settings:
+    def from_aliases(cls, values: Mapping[str, object]) -> "Settings":
         """Settings from {KSM_* key: value}; every bad value is reported (SettingsError), not just
-        the first."""
+        the first, in the order of ``values``."""
         unknown = set(values) - set(KEYS)
         if unknown:
             raise SettingsError([(None, f"unknown keys {', '.join(sorted(unknown))}")])
         try:
-            return cls(**{KEYS[alias]: value for alias, value in values.items()})
-        except SettingsError as e:  # __post_init__ found them, in field order: report in the caller's
+            return cls(**values)
+        except SettingsError as e:  # pydantic reports in field order: report in the caller's
             order = list(values)
             e.problems.sort(key=lambda p: order.index(p[0]) if p[0] in order else len(order))
             raise
 
-    @staticmethod
-    def default(alias: str) -> object:
-        return _FIELDS[KEYS[alias]].default
+    @classmethod
+    def default(cls, alias: str) -> Any:
+        return cls.model_fields[KEYS[alias]].default
 
-    def by_alias(self) -> dict[str, Any]:
+    def by_alias(self) -> Dict[str, Any]:
         """{KSM_* key: value}, JSON-ready (tuples as lists)."""
-        return {f.metadata["alias"]: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        return self.model_dump(mode="json", by_alias=True)
 
     def tuning(self) -> Tuning:
         return Tuning(
@@ -365,9 +412,13 @@ class Settings:
         )
 
 
-_FIELDS = {f.name: f for f in fields(Settings)}
-#: alias -> field name
-KEYS: dict[str, str] = {f.metadata["alias"]: f.name for f in fields(Settings)}
+#: alias -> field name, in the model's order
+KEYS: Dict[str, str] = {f.alias or name: name for name, f in Settings.model_fields.items()}
+_ALIASES = {name: alias for alias, name in KEYS.items()}
+
+
+def _alias(loc: object) -> str:
+    return _ALIASES.get(str(loc), str(loc))
 
 
 @dataclass(frozen=True)
@@ -425,29 +476,6 @@ def build_settings(
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 
 
-#: The documentation of each key: (unit, range in words, meaning).  The man page ksmtuned.conf(5)
-#: and the README's table are generated from this and the fields (defaults) by reference_rows().
-REFERENCE: dict[str, tuple[str, str, str]] = {
-    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", "> 0, <= 86400", "time between adjusts"),
-    "KSM_SLEEP_MSEC": ("ms, for a 16 GiB host", "0 - 10,000,000",
-                       "ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms"),
-    "KSM_NPAGES_BOOST": ("pages", ">= 0", "added to npages when free < threshold"),
-    "KSM_NPAGES_DECAY": ("pages", "<= 0", "added to npages otherwise, while KSM runs"),
-    "KSM_NPAGES_MIN": ("pages", ">= 0", "lower clamp of pages_to_scan"),
-    "KSM_NPAGES_MAX": ("pages", ">= KSM_NPAGES_MIN", "upper clamp of pages_to_scan"),
-    "KSM_THRES_COEF": ("% of RAM", "0 - 100", "free-memory threshold"),
-    "KSM_THRES_CONST": ("kB", ">= 0", "the threshold is at least this"),
-    "LOGFILE": ("path", "", "where the debug lines go (else standard output)"),
-    "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
-    "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
-    "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
-    "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
-    "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
-    "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
-    "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
-}
-
-
 def _default_text(value: object) -> str:
     if value is None:
         return "unset"
@@ -464,7 +492,9 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
     """(key, unit, default, range, meaning) for every setting, in the model's order: the source
     of the documentation tables, so they cannot drift from the model."""
     rows = []
-    for alias in KEYS:
-        unit, range_, meaning = REFERENCE.get(alias, ("", "", ""))
-        rows.append((alias, unit, _default_text(Settings.default(alias)), range_, meaning))
+    for alias, name in KEYS.items():
+        f = Settings.model_fields[name]
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        rows.append((alias, str(extra.get("unit", "")), _default_text(f.default), str(extra.get("range", "")),
+                     f.description or ""))
     return rows
