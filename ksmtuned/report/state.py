@@ -142,7 +142,7 @@ def _problem(path: Path | str, error: ValidationError) -> StateFileError:
     where = ".".join(str(part) for part in first["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return StateFileError(_printable(f"{path}: not a ksmtuned state file: {where + ': ' if where else ''}"
-                                     f"{first['msg']}{more}", 300))
+                                     f"{first['msg'].replace('Value error, ', '')}{more}", 300))
 
 
 def read_state(path: Path | str) -> StateDocument | None:
