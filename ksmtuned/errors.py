@@ -29,10 +29,6 @@ class KsmtunedError(Exception):
     exit_code: ExitCode = ExitCode.SOFTWARE
 
 
-class UsageError(KsmtunedError):
-    exit_code = ExitCode.USAGE
-
-
 class ConfigError(KsmtunedError):
     """The config file (or environment) is invalid; the message names file:line."""
 

@@ -109,14 +109,6 @@ class KsmSysfs:
             raise _wrap(e, path, "read") from None
         return _selected(text)
 
-    def read_int(self, name: str) -> int:
-        text = self.read(name)
-        try:
-            return int(text)
-        except ValueError:
-            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
-                                       str(self.path(name))) from None
-
     def write(self, name: str, value: str) -> None:
         path = self._prefix + name
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..core.documents import STATE_SCHEMA, HistoryEntry, StateDocument, StateHistory
+from ..core.documents import STATE_SCHEMA, HistoryEntry, StateDocument, StateHistory  # noqa: F401 (STATE_SCHEMA: re-exported)
 from ..errors import StateFileError
 
 log = logging.getLogger(__name__)
