@@ -106,11 +106,11 @@ def choice(*words: str, also: Optional[Mapping[str, str]] = None) -> Callable[[o
     listed = ", ".join(f"'{w}'" for w in words[:-1]) + f" or '{words[-1]}'"
 
     def convert(value: object) -> str:
-        word = value.strip().lower() if isinstance(value, str) else value
-        word = (also or {}).get(word, word)  # type: ignore[call-overload]
+        word = value.strip().lower() if isinstance(value, str) else ""
+        word = (also or {}).get(word, word)
         if word not in words:
             raise ValueError(f"expected {listed}")
-        return word  # type: ignore[return-value]
+        return word
 
     return convert
 
@@ -343,9 +343,9 @@ def build_settings(
         settings = Settings.from_aliases(values)
     except SettingsError as e:
         problems = []
-        for alias, message in e.problems:
-            if alias is None:  # the cross-field check: MAX >= MIN
-                alias = "KSM_NPAGES_MAX"
+        for key, message in e.problems:
+            alias = key or "KSM_NPAGES_MAX"
+            if key is None:  # the cross-field check: MAX >= MIN
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
             where = sources.get(alias, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"

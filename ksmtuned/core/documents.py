@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .config import Settings
 
-STATE_SCHEMA = 1
-STATUS_SCHEMA = 1
-CHECK_SCHEMA = 1
-GUESTS_SCHEMA = 1
-CHECK_CONFIG_SCHEMA = 1
+#: The documents' layout versions (bumped on an incompatible change; keys are only ever added).
+STATE_SCHEMA: Literal[1] = 1
+STATUS_SCHEMA: Literal[1] = 1
+CHECK_SCHEMA: Literal[1] = 1
+GUESTS_SCHEMA: Literal[1] = 1
+CHECK_CONFIG_SCHEMA: Literal[1] = 1
 
 #: A KSM counter's value: an integer, or a word (advisor_mode's selected mode).
 Counter = Union[int, str]
