@@ -98,7 +98,10 @@ class KsmSysfs:
             os.close(fd)
 
     def has(self, name: str) -> bool:
-        return self.path(name).exists()
+        try:
+            return self.path(name).exists()
+        except OSError as e:  # EACCES on a directory above: one line (exit 77), not a traceback
+            raise _wrap(e, self.path(name), "look up") from None
 
     def read(self, name: str) -> str:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
@@ -108,14 +111,6 @@ class KsmSysfs:
         except OSError as e:
             raise _wrap(e, path, "read") from None
         return _selected(text)
-
-    def read_int(self, name: str) -> int:
-        text = self.read(name)
-        try:
-            return int(text)
-        except ValueError:
-            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
-                                       str(self.path(name))) from None
 
     def write(self, name: str, value: str) -> None:
         path = self._prefix + name
