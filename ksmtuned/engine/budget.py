@@ -93,8 +93,8 @@ class BudgetDriver:
         out = {}
         for name in self._present:
             try:
-                out[name] = self.sysfs.read_int(name)
-            except KernelInterfaceError:
+                out[name] = int(self.sysfs.read(name))
+            except (KernelInterfaceError, ValueError):
                 continue
         if len(out) < len(self._present):
             self._present = tuple(out) or _COUNTERS  # probed again if all failed

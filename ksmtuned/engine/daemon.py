@@ -23,8 +23,8 @@ from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
-from ..kernel.vmstat import kernel_hz
 from ..kernel.procfs import OpenFiles
+from ..kernel.vmstat import kernel_hz
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
@@ -67,6 +67,7 @@ class Daemon:
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
         self.guest_finder = guest_finder or self._make_guest_finder(config.settings)
+        self.ksmd = Ksmd(self.procfs)
         self.dry_run = dry_run
         self.reload_config = reload_config
         self.observers = list(observers)
@@ -206,7 +207,7 @@ class Daemon:
                 budget_knobs = self.budget.wanted(report.budget)
                 self._budget_due = self._next_budget_tick(report.budget, guests)
             try:
-                report.writes = self.apply(decision, known=report.knobs, budget_knobs=budget_knobs)
+                report.writes = self.apply(decision, budget_knobs=budget_knobs)
             finally:
                 self.debug_log.write(self._tick_lines(decision, report.budget))
             self._log_change(decision, report.writes, report.budget)
@@ -226,6 +227,7 @@ class Daemon:
             report.error = f"{type(e).__name__}: {e}"
             self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
+        self._observe_ksm(report)
         self._notify(report)
         for observer in self.observers:
             try:
@@ -233,6 +235,15 @@ class Daemon:
             except Exception:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
+
+    def _observe_ksm(self, report: TickReport) -> None:
+        """What KSM and ksmd did (counters, ksmd's CPU time), for the observers; never fails the tick."""
+        try:
+            report.ksm = self.sysfs.counters()
+        except KsmtunedError as e:
+            log.debug("KSM counters: %s", e)
+        report.ksmd_cpu_s = self.ksmd.cpu_seconds()
+        report.ksmd_pid = self.ksmd.pid
 
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
@@ -251,15 +262,12 @@ class Daemon:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision, known: dict[str, str] | None = None,
-              budget_knobs: list[tuple[str, str]] | None = None) -> list[Write]:
+    def apply(self, decision: Decision, budget_knobs: list[tuple[str, str]] | None = None) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
 
-        ``known`` receives the value each knob now holds, where apply read or wrote it.
         ``budget_knobs``: KSM_POLICY=budget's pages_to_scan and sleep_millisecs instead of the
         classic ones (none while the kernel's advisor owns the scan rate).
         """
-        known = {} if known is None else known
         if decision.run:
             if budget_knobs is not None:
                 wanted = list(budget_knobs) + [("run", "1")]
@@ -275,8 +283,6 @@ class Daemon:
                     old = self.sysfs.read(name)
                 except KernelInterfaceError:
                     old = None
-                if old is not None:
-                    known[self.sysfs.file(name)] = old
                 if old != value:
                     writes.append(Write(name, old, value))
                     self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
@@ -296,7 +302,6 @@ class Daemon:
                     continue
                 errors.append(e)
                 continue
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         if self._advisor_warned and not self.sysfs.advisor_scanning():
@@ -365,7 +370,7 @@ class Daemon:
                                 limits=self.limits, decision=self.last_decision, guests=guests,
                                 committed_kib=committed_kib(guests, self.settings.ps_metric), budget=bd)
             if running:
-                report.writes = self._write_knobs(self.budget.wanted(bd), report.knobs)
+                report.writes = self._write_knobs(self.budget.wanted(bd))
         except KsmtunedError as e:
             key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
             self._log_failure("budget", str(e), key=key)
@@ -386,6 +391,7 @@ class Daemon:
                 self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
         report.duration_s = self.clock() - started
         if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
+            self._observe_ksm(report)
             self._notify(report)
             for observer in self.observers:
                 try:
@@ -394,7 +400,7 @@ class Daemon:
                     log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
 
-    def _write_knobs(self, wanted: list[tuple[str, str]], known: dict[str, str]) -> list[Write]:
+    def _write_knobs(self, wanted: list[tuple[str, str]]) -> list[Write]:
         if self.dry_run:
             writer = self._budget_writer()
             for name, value in wanted:
@@ -403,7 +409,6 @@ class Daemon:
         writes = []
         for name, value in wanted:
             w = self.sysfs.write_if_changed(name, value)
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         return writes
