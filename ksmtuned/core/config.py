@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
+from .matchers import DEFAULT_TRUST
 from .policy import Tuning
 
 DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
@@ -256,6 +257,19 @@ def to_guest_match(value: object) -> tuple[str, ...]:
     return items
 
 
+def to_guest_trust(value: object) -> tuple[str, ...]:
+    """KSM_GUEST_TRUST: whose guest-looking processes count (core/matchers.py, docs/security.md)."""
+    from .matchers import parse_trust
+
+    if isinstance(value, str):
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        items = tuple(value)
+    else:
+        items = ()
+    return parse_trust(items)
+
+
 def to_listen(value: object) -> tuple[str, int] | None:
     if isinstance(value, str):
         return parse_listen(value)
@@ -312,6 +326,7 @@ class Settings:
     debug: bool = setting("DEBUG", False, to_flag)
     pidfile: str = setting("PIDFILE", DEFAULT_PIDFILE, to_text)
     guest_match: tuple[str, ...] = setting("KSM_GUEST_MATCH", MATCHER_NAMES, to_guest_match)
+    guest_trust: tuple[str, ...] = setting("KSM_GUEST_TRUST", DEFAULT_TRUST, to_guest_trust)
     ps_metric: str = setting("KSM_PS_METRIC", "rss", choice("rss", "pss", "vsz", also={"rsz": "rss"}))  # rsz: Proxmox
     free_metric: str = setting("KSM_FREE_METRIC", "classic", choice("classic", "available"))
     metrics_listen: tuple[str, int] | None = setting("KSM_METRICS_LISTEN", None, to_listen)
@@ -441,6 +456,8 @@ REFERENCE: dict[str, tuple[str, str, str]] = {
     "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
     "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
     "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
+    "KSM_GUEST_TRUST": ("list", "root, hypervisor, pidfile, machine-slice, user:NAME, any",
+                        "whose guest-looking processes count (docs/security.md)"),
     "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
     "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
     "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
