@@ -203,6 +203,12 @@ def age_s(pid: int) -> Optional[float]:
 
 
 def iter_processes(attrs: List[str]) -> Iterator[psutil.Process]:
-    """Every process, with ``attrs`` read into ``.info`` (psutil.process_iter)."""
+    """Every process, with ``attrs`` read into ``.info`` (psutil.process_iter); none where the
+    root cannot be listed or lists no process (psutil.pids() fails on an empty one)."""
+    try:
+        if not any(name.isdigit() for name in os.listdir(procfs())):
+            return iter(())
+    except OSError:
+        return iter(())
     return psutil.process_iter(attrs, ad_value=None)
 

@@ -21,6 +21,8 @@ import mmap, signal, sys
 a = sys.argv
 ram = bytearray(b"\\x5a") * (int(a[a.index("-m") + 1]) << 20) if "-m" in a and a[a.index("-m") + 1].isdigit() else b""
 thp = int(a[a.index("-thp-mib") + 1]) if "-thp-mib" in a else 0
+# -vsz-mib: address space nobody uses (the vsz metric counts it)
+vsz = mmap.mmap(-1, int(a[a.index("-vsz-mib") + 1]) << 20) if "-vsz-mib" in a else None
 if thp:
     m = mmap.mmap(-1, thp << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     m.madvise(mmap.MADV_HUGEPAGE)
