@@ -42,8 +42,9 @@ def procfs() -> str:
     return str(psutil.PROCFS_PATH)
 
 
-def entries() -> Dict[int, int]:
-    """pid -> inode of its /proc/PID directory, for every process.
+def entries() -> Dict[str, int]:
+    """name -> inode of every entry of the proc root (the pids, as psutil.pids(), and a few
+    other names: the caller looks at the digits).
 
     As ``psutil.pids()`` (one listing of the root), with the inode the listing gives for free:
     the kernel gives the directory of a new process a new inode, so an unchanged inode is a
@@ -53,7 +54,7 @@ def entries() -> Dict[int, int]:
     root = procfs()
     try:
         with os.scandir(root) as it:
-            return {int(e.name): e.inode() for e in it if e.name.isdigit()}
+            return {e.name: e.inode() for e in it}
     except OSError as e:
         raise KernelInterfaceError(f"{root}: cannot list: {e.strerror}", root, e.errno) from None
 
@@ -63,8 +64,7 @@ class Seen:
     """What one look at a process found.  ``argv`` is the whole command line: the caller keeps
     only what it needs (issue 11, class 3)."""
 
-    proc: psutil.Process
-    started_s: float  # psutil's create_time(): epoch seconds
+    proc: psutil.Process  # its identity: == compares pid and create time
     ppid: int
     comm: str
     argv: Tuple[str, ...]
@@ -73,7 +73,7 @@ class Seen:
 
 
 def look(pid: int) -> Optional[Seen]:
-    """Name, parent, create time and command line of one process; None if it is gone.
+    """Name, parent and command line of one process; None if it is gone.
 
     Raises AccessDenied where the caller may not read it.  The name is read again after the
     command line: an execve() between the two reads pairs the old name with the new command
@@ -82,7 +82,7 @@ def look(pid: int) -> Optional[Seen]:
     try:
         proc = psutil.Process(pid)
         with proc.oneshot():
-            comm, ppid, started = proc.name(), proc.ppid(), proc.create_time()
+            comm, ppid = proc.name(), proc.ppid()
             zombie = proc.status() == psutil.STATUS_ZOMBIE
         try:
             argv = tuple(proc.cmdline()) if not zombie else ()
@@ -91,7 +91,12 @@ def look(pid: int) -> Optional[Seen]:
         comm_after = proc.name() if argv else comm
     except (psutil.NoSuchProcess, ValueError):  # ZombieProcess is caught above
         return None
-    return Seen(proc, started, ppid, comm_after, argv, zombie, comm_after != comm)
+    return Seen(proc, ppid, comm_after, argv, zombie, comm_after != comm)
+
+
+def started_s(proc: psutil.Process) -> float:
+    """When the process started, in epoch seconds (psutil's create_time: it reads the boot time)."""
+    return float(proc.create_time())
 
 
 def same_process(proc: psutil.Process) -> bool:

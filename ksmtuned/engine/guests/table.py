@@ -6,10 +6,11 @@ looked at (psutil: name, parent, create time, command line).  A process whose cr
 not change keeps its verdict.  Nothing is forked, and nothing is read for a process already
 seen.
 
-What is kept of a process is bounded whatever its command line (issue 11, class 3): a
-verdict, a digest of its command line (to tell a fork that has not exec'd from its parent),
-and, for a process a matcher claims or a pid file may name, its owner and at most
-``ARGV_KEEP_BYTES`` of its command line.
+What is kept of a process is bounded whatever its command line (issue 11, class 3): its
+psutil ``Process`` (its identity: pid and create time, about 500 bytes), a verdict, a digest
+of its command line (to tell a fork that has not exec'd from its parent), and, for a process a
+matcher claims or a pid file may name, its owner and at most ``ARGV_KEEP_BYTES`` of its
+command line.
 
 A forked child runs its parent's program until it calls exec() (libvirt holds QEMU's child
 before exec while its hooks run), and a process caught inside execve() shows an empty
@@ -35,14 +36,15 @@ YOUNG_S = 60.0
 class Entry:
     """What the table keeps of one process."""
 
-    __slots__ = ("pid", "ino", "started_s", "ppid", "comm", "digest", "claims", "young", "proc", "argv",
-                 "name", "uid", "user", "cgroup", "thp_warned", "next_rollup")
+    __slots__ = ("pid", "ino", "proc", "started_s", "ppid", "comm", "digest", "claims", "young", "proc", "argv",
+                 "name", "uid", "user", "cgroup", "candidate", "thp_warned", "next_rollup")
 
-    def __init__(self, pid: int, ino: int, started_s: float, ppid: int, comm: str, digest: int,
+    def __init__(self, pid: int, ino: int, proc: Optional[processes.Process], ppid: int, comm: str, digest: int,
                  claims: Tuple[str, ...], young: bool):
-        self.pid, self.ino, self.started_s, self.ppid, self.comm = pid, ino, started_s, ppid, comm
+        self.pid, self.ino, self.proc, self.ppid, self.comm = pid, ino, proc, ppid, comm
         self.digest, self.claims, self.young = digest, claims, young
-        self.proc: Optional[processes.Process] = None  # kept for candidates only
+        self.candidate = False  # claimed by a matcher, or a QEMU a pid file may name: measured
+        self.started_s = 0.0  # epoch seconds; candidates only
         self.argv: Tuple[str, ...] = ()  # bounded; candidates only
         self.name: Optional[str] = None  # from -name or qemu:NAME
         self.uid: Optional[int] = None
@@ -50,11 +52,6 @@ class Entry:
         self.cgroup: Optional[str] = None
         self.thp_warned = False
         self.next_rollup = 0.0
-
-    @property
-    def candidate(self) -> bool:
-        """Claimed by a matcher, or a QEMU a pid file may name: measured, so kept in full."""
-        return self.proc is not None
 
 
 class ProcessTable:
@@ -65,9 +62,10 @@ class ProcessTable:
         self.matchers = list(matchers)
         self.want_cgroup = want_cgroup
         self.clock = clock  # wall clock: ages are against psutil's create_time (epoch seconds)
-        self._seen: Dict[int, int] = {}  # pid -> inode, as of the last listing
+        self._seen: Dict[str, int] = {}  # /proc entry -> inode, as of the last listing
         self.entries: Dict[int, Entry] = {}
         self._young: Set[int] = set()
+        self._claimed: Set[int] = set()
         #: work done (what keeps a scan cheap; the tests count it): processes looked at
         self.looks = 0
 
@@ -75,16 +73,19 @@ class ProcessTable:
         return self.entries.get(pid)
 
     def claimed(self) -> List[Entry]:
-        return [e for e in self.entries.values() if e.claims]
+        """The processes a matcher claims by name or command line."""
+        return [self.entries[pid] for pid in self._claimed]
 
     def young(self) -> Set[int]:
         return set(self._young)
 
     def refresh(self) -> None:
         current = processes.entries()
-        changed = dict(current.items() - self._seen.items())  # new pids, or a new /proc/PID inode
-        for pid in self.entries.keys() - current.keys():
-            self.forget(pid)
+        # new pids, or a new /proc/PID inode; and the pids gone
+        changed = {int(name): ino for name, ino in current.items() - self._seen.items() if name.isdigit()}
+        for name in self._seen.keys() - current.keys():
+            if name.isdigit():
+                self.forget(int(name))
         self._seen = current
         for pid in sorted(changed):
             self._classify(pid, changed[pid], recheck=False)
@@ -98,29 +99,24 @@ class ProcessTable:
     def forget(self, pid: int) -> None:
         self.entries.pop(pid, None)
         self._young.discard(pid)
+        self._claimed.discard(pid)
 
     def _classify(self, pid: int, ino: int, recheck: bool) -> None:
         old = self.entries.get(pid)
-        if old is not None and not recheck:
-            # a new inode for a pid we know: the same process (its dentry was rebuilt) keeps
-            # its verdict; a new one under the same pid is looked at
-            proc = _open(pid)
-            if proc is None:
-                self.forget(pid)
-                return
-            try:
-                if proc.create_time() == old.started_s:
-                    old.ino = ino
-                    return
-            except processes.NoSuchProcess:
-                self.forget(pid)
-                return
+        if old is not None and not recheck and old.proc is not None and processes.same_process(old.proc):
+            # a new inode for a pid we know, and the same process (its dentry was rebuilt):
+            # its verdict stands
+            old.ino = ino
+            return
         self.looks += 1
         try:
             seen = processes.look(pid)
         except processes.AccessDenied:
             if old is None:  # unreadable now: looked at again when its entry changes
-                self.entries[pid] = Entry(pid, ino, 0.0, 0, "", 0, (), False)
+                self.entries[pid] = Entry(pid, ino, None, 0, "", 0, (), False)
+            elif old.ino != ino:
+                self.forget(pid)
+                self.entries[pid] = Entry(pid, ino, None, 0, "", 0, (), False)
             return
         if seen is None:
             self.forget(pid)
@@ -129,7 +125,7 @@ class ProcessTable:
         found = claims(self.matchers, comm, argv)
         digest = hash(argv) if argv else 0
         forked = bool(argv) and digest == self._digest_of(seen.ppid)
-        if forked and found and self._claimed(seen.ppid):
+        if forked and found and self._is_claimed(seen.ppid):
             # A guest's child before exec (QEMU running a network script), not a second guest;
             # or QEMU's -daemonize child, which is the guest once its parent has exited (the
             # look again sees it reparented).
@@ -137,13 +133,19 @@ class ProcessTable:
         # An empty command line is a kernel thread (a child of kthreadd, pid 2), a zombie, or a
         # process caught inside execve(): only the last must be looked at again.
         mid_exec = (not argv and seen.ppid not in (0, 2) and not seen.zombie) or seen.exec_raced
-        age_s = self.clock() - seen.started_s
-        young = bool((forked and not found) or mid_exec) and age_s < YOUNG_S
-        entry = Entry(pid, ino, seen.started_s, seen.ppid, comm, digest, found, young)
-        if old is not None and old.started_s == seen.started_s:
+        try:
+            young = bool((forked and not found) or mid_exec) and (
+                self.clock() - processes.started_s(seen.proc) < YOUNG_S)
+            entry = Entry(pid, ino, seen.proc, seen.ppid, comm, digest, found, young)
+            if found or qemu_like(comm, argv):
+                entry.candidate = True
+                entry.started_s = processes.started_s(seen.proc)
+        except processes.NoSuchProcess:
+            self.forget(pid)
+            return
+        if old is not None and old.proc == seen.proc:
             entry.thp_warned, entry.next_rollup = old.thp_warned, old.next_rollup
-        if found or qemu_like(comm, argv):
-            entry.proc = seen.proc
+        if entry.candidate:
             entry.argv = bounded_argv(argv)
             entry.name = guest_name(argv)  # the pid file's name and qemu:NAME come after it
             entry.uid = processes.real_uid(seen.proc)
@@ -151,6 +153,10 @@ class ProcessTable:
             if self.want_cgroup:
                 entry.cgroup = processes.cgroup(pid)
         self.entries[pid] = entry
+        if found:
+            self._claimed.add(pid)
+        else:
+            self._claimed.discard(pid)
         if young:
             self._young.add(pid)
         else:
@@ -166,7 +172,7 @@ class ProcessTable:
             return None
         return hash(seen.argv) if seen is not None and seen.argv else None
 
-    def _claimed(self, pid: int) -> bool:
+    def _is_claimed(self, pid: int) -> bool:
         """Does a matcher claim this (parent) process by its name or command line?"""
         entry = self.entries.get(pid)
         if entry is not None:
@@ -176,13 +182,6 @@ class ProcessTable:
         except processes.AccessDenied:
             return False
         return seen is not None and bool(claims(self.matchers, seen.comm, seen.argv))
-
-
-def _open(pid: int) -> Optional[processes.Process]:
-    try:
-        return processes.Process(pid)
-    except (processes.NoSuchProcess, ValueError):
-        return None
 
 
 def self_pid() -> Optional[int]:
