@@ -92,9 +92,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
