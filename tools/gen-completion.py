@@ -98,7 +98,7 @@ def render(parser: argparse.ArgumentParser, source: str) -> str:
         for opt, kind in v.items():
             values.setdefault(opt, kind)
     lines = [HEADER.format(prog=prog, source=source).rstrip("\n"), "", f"{fn}()", "{",
-             "\tlocal cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]} cmd= i"]
+             "\tlocal cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}" + (" cmd= i" if subs else "")]
     if values:
         lines += _value_case(values, "\t")
     if subs:

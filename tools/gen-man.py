@@ -32,7 +32,7 @@ _GLYPHS = {"≤": r"\(<=", "≥": r"\(>=", "–": r"\(en", "—": r"\(em", "×":
 def roff(text: object) -> str:
     """Plain text as roff: backslashes and minus signs escaped, a leading dot or quote made
     harmless, and no character outside ASCII left raw."""
-    s = str(text).replace("\\", r"\e").replace("-", r"\-").replace("`", "'")
+    s = str(text).replace("\\", r"\e").replace(" - ", " – ").replace("-", r"\-").replace("`", "'")
     for char, name in _GLYPHS.items():
         s = s.replace(char, name)
     bad = sorted({c for c in s if ord(c) > 126})
@@ -56,7 +56,7 @@ def table() -> str:
         if facts:
             lines.append(" ".join(facts))
             lines.append(".br")
-        lines.append(roff(meaning[:1].upper() + meaning[1:]) + ("" if meaning.endswith(".") else "."))
+        lines.append(roff(meaning) + ("" if meaning.endswith(".") else "."))
     return "\n".join(lines)
 
 
