@@ -277,6 +277,9 @@ def foreign_guest():
         pytest.skip("needs root to start a process as another user and to drop capabilities")
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is not installed")
+    from tests.conftest import skip_unless_nobody_can_run_python
+
+    skip_unless_nobody_can_run_python()
     proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              sys.executable, "-c", "import time; time.sleep(120)"])
     try:
