@@ -277,6 +277,9 @@ def foreign_guest():
         pytest.skip("needs root to start a process as another user and to drop capabilities")
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is not installed")
+    from tests.conftest import skip_unless_nobody_can_run_python
+
+    skip_unless_nobody_can_run_python()
     proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -532,7 +535,8 @@ def _logrotate_conf(tmp: Path, log: Path) -> Path:
     text = LOGROTATE_CONF.read_text()
     assert "/var/log/ksmtuned {" in text
     conf = tmp / "logrotate.conf"
-    conf.write_text(text.replace("/var/log/ksmtuned {", f"{log} {{"))
+    conf.write_text(text.replace("/var/log/ksmtuned {", f"{log} {{")
+                    .replace("/var/log/ksmtuned.log {", f"{log.parent / 'captured-stderr.log'} {{"))
     return conf
 
 
@@ -546,7 +550,11 @@ def test_logrotate_config_is_valid(tmp_path):
     assert r.returncode == 0, out
     assert "error" not in out.lower(), out
     assert "weekly (4 rotations)" in out, out
-    assert "copytruncate" not in LOGROTATE_CONF.read_text().replace("no copytruncate", "")
+    # the debug log is moved, never copied (the daemon reopens LOGFILE); only the init script's
+    # captured standard error (/var/log/ksmtuned.log) needs copytruncate
+    debug_stanza = LOGROTATE_CONF.read_text().split("/var/log/ksmtuned {", 1)[1].split("}", 1)[0]
+    assert "copytruncate" not in debug_stanza.replace("no copytruncate", "")
+    assert "rotating pattern: " + str(tmp_path / "captured-stderr.log") in out, out
 
 
 @needs_logrotate
