@@ -4,7 +4,7 @@
 #                                                       libvirt hook, logrotate, man, completion
 #   make uninstall [DESTDIR=...] [PREFIX=...]           remove exactly that again (a config file
 #                                                       you changed is kept, as dpkg and rpm do)
-#   make man          regenerate man/ksmtuned.conf.5's key table and check every page renders
+#   make man          regenerate man/man5/ksmtuned.conf.5's key table and check every page renders
 #   make completion   regenerate completion/ from the argument parsers
 #   make deb          the Debian package, with dpkg-buildpackage (in ..)
 #   make rpm          the noarch RPM, with rpmbuild (in build/rpm)
@@ -43,8 +43,8 @@ DEBIAN_PATH := /usr/bin:/bin:/usr/sbin:/sbin
 
 VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 PYFILES := $(shell find ksmtuned -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort)
-MAN8 := man/ksmtuned.8 man/ksmctl.8
-MAN5 := man/ksmtuned.conf.5
+MAN8 := man/man8/ksmtuned.8 man/man8/ksmctl.8
+MAN5 := man/man5/ksmtuned.conf.5
 COMPLETIONS := $(wildcard completion/*)
 DOCS := README.md LICENSE $(wildcard docs/*.md) contrib/prometheus/ksmtuned.rules.yml
 UNITS := systemd/ksm.service systemd/ksmtuned.service

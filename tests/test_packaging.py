@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import REPO
 
 DEBIAN_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"  # Debian's python3 and tools, not pyenv's shims
-MAN_PAGES = ["man/ksmtuned.8", "man/ksmtuned.conf.5", "man/ksmctl.8"]
+MAN_PAGES = ["man/man8/ksmtuned.8", "man/man5/ksmtuned.conf.5", "man/man8/ksmctl.8"]
 
 
 def need(tool: str, package: str) -> str:
@@ -64,7 +64,7 @@ def test_conf_page_key_table_is_the_settings_model():
     assert r.returncode == 0, r.stderr
     from ksmtuned.core.config import reference_rows
 
-    page = (REPO / "man" / "ksmtuned.conf.5").read_text()
+    page = (REPO / "man" / "man5" / "ksmtuned.conf.5").read_text()
     for key, *_ in reference_rows():
         assert f".B {key.replace('-', chr(92) + '-')}\n" in page
 
@@ -78,7 +78,7 @@ def test_gen_man_notices_a_stale_table(tmp_path):
         gen = importlib.import_module("gen-man")
     finally:
         sys.path.remove(str(REPO / "tools"))
-    page = (REPO / "man" / "ksmtuned.conf.5").read_text()
+    page = (REPO / "man" / "man5" / "ksmtuned.conf.5").read_text()
     stale = page.replace(".B KSM_NPAGES_MAX\n", ".B KSM_NPAGES_MAXIMUM\n")
     assert gen.render(stale) == page != stale
 
@@ -195,7 +195,7 @@ def test_make_install_points_the_units_at_its_sbindir(tmp_path):
 
 DATA_FILES = ["LICENSE", "Makefile", "systemd/ksm.service", "systemd/ksmtuned.service", "etc/ksmtuned.conf",
               "etc/default/ksm", "etc/logrotate.d/ksmtuned", "etc/libvirt/hooks/qemu.d/ksmtuned",
-              "contrib/prometheus/ksmtuned.rules.yml", "man/ksmtuned.8", "man/ksmtuned.conf.5", "man/ksmctl.8",
+              "contrib/prometheus/ksmtuned.rules.yml", "man/man8/ksmtuned.8", "man/man5/ksmtuned.conf.5", "man/man8/ksmctl.8",
               "completion/ksmtuned", "completion/ksmctl", "debian/control", "debian/rules",
               "packaging/rpm/ksmtuned.spec"]
 
