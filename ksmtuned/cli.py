@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no message and exit 0 when no daemon runs (for hooks)")
     c = sub.add_parser("check-config", help="print the effective settings and where each came from")
     _common(c, suppress=True)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     g = sub.add_parser("guests", help="list the processes counted as guests")
     _common(g, suppress=True)
     g.add_argument("--json", action="store_true", help="machine-readable output")
@@ -97,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "check-config":
             from .commands import check_config
 
-            return check_config.main(paths)
+            return check_config.main(paths, as_json=args.json)
         if args.command == "guests":
             from .commands import guests
 

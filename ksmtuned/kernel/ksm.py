@@ -98,7 +98,10 @@ class KsmSysfs:
             os.close(fd)
 
     def has(self, name: str) -> bool:
-        return self.path(name).exists()
+        try:
+            return self.path(name).exists()
+        except OSError as e:  # EACCES on a directory above: one line (exit 77), not a traceback
+            raise _wrap(e, self.path(name), "look up") from None
 
     def read(self, name: str) -> str:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
@@ -108,14 +111,6 @@ class KsmSysfs:
         except OSError as e:
             raise _wrap(e, path, "read") from None
         return _selected(text)
-
-    def read_int(self, name: str) -> int:
-        text = self.read(name)
-        try:
-            return int(text)
-        except ValueError:
-            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
-                                       str(self.path(name))) from None
 
     def write(self, name: str, value: str) -> None:
         path = self._prefix + name
@@ -152,27 +147,22 @@ class KsmSysfs:
         except KernelInterfaceError:
             return False
 
-    def counters(self, known: Mapping[str, str] | None = None) -> dict[str, int | str]:
+    def counters(self) -> dict[str, int | str]:
         """Every counter and knob the kernel offers, as ints where they are numbers
         (advisor_mode: its selected word).
 
-        Read every tick by the state file and metrics, so kept cheap: one open and one read per
-        file, and only the files found present last time (all are probed again after a failure).
-        ``known``: values the caller read or wrote a moment ago, by :meth:`file` path (the
-        daemon's knobs after its writes); those files are not read again.
+        Read every tick (the engine's collect stage, for the state file and metrics): only the
+        files found present last time are read (all are probed again after a failure).
         """
         out: dict[str, int | str] = {}
         failed = False
         prefix = self._prefix
-        known = known or {}
         for name in self._present if self._present is not None else COUNTERS + KNOBS:
-            text = known.get(prefix + name)
-            if text is None:
-                try:
-                    text = _selected(self._read(prefix + name))
-                except OSError:
-                    failed = True
-                    continue
+            try:
+                text = _selected(self._read(prefix + name))
+            except OSError:
+                failed = True
+                continue
             try:
                 out[name] = int(text)
             except ValueError:
