@@ -507,6 +507,9 @@ def test_unit_conflicts_with_mom():
 @pytest.mark.parametrize("quiet", [False, True])
 def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
     """A non-root user may read the pid file and find the daemon, but not signal root's process."""
+    from tests.conftest import skip_unless_nobody_can_run_python
+
+    skip_unless_nobody_can_run_python()
     tmp_path.chmod(0o755)
     from tests.daemon_support import DaemonProc
 
