@@ -194,6 +194,15 @@ def test_recording_rules_give_fleet_wide_numbers(fleet):
     assert [r["metric"]["host"] for r in by_host] == ["calm"]
 
 
+def test_every_dashboard_query_evaluates_on_the_fleet(fleet):
+    """contrib/grafana/ksmtuned.json: each query, as Grafana sends it, gives a series."""
+    from tests.test_contrib import dashboard_exprs
+
+    prom, _, _ = fleet
+    for title, expr in dashboard_exprs():
+        assert prom.query(expr), f"{title}: {expr} gave no series"
+
+
 def test_alerts_fire_on_the_troubled_host_only(fleet):
     prom, hosts, _ = fleet
     want = {("KsmdHighCpu", "troubled"), ("KsmNegativeProfit", "troubled"), ("KsmWastedEffort", "troubled")}
@@ -239,3 +248,4 @@ def test_failing_stopped_and_dead_hosts(fleet):
     wait_until("steady's series gone", lambda: not prom.query('ksmtuned_guests{host="steady"}'), 30)
     time.sleep(3)
     assert ("KsmtunedNotExporting", "steady") in active(prom, "firing")
+
