@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.hostcheck import (GIB, MIB, GuestSpec, Host, check_memory, check_swap, check_vcpus, memory_from_argv,
+from ksmtuned.commands.check import (GIB, MIB, GuestSpec, Host, check_memory, check_swap, check_vcpus, memory_from_argv,
                                 parse_size, physical_cores, vcpus_from_argv)
 from tests.report_support import FAKE_KSM, Daemon, FakeGuests, cpuinfo, fake_ksm_dir, fake_procfs
 

@@ -6,10 +6,8 @@ import sys
 
 import pytest
 
-from ksmtuned.config import (
-    KEYS, Settings, SettingsError, build_settings, check_file_safety, load_config, parse_assignments,
-    parse_listen,
-)
+from ksmtuned.core.config import KEYS, Settings, SettingsError, build_settings, parse_assignments, parse_listen
+from ksmtuned.service.config_file import check_file_safety, load_config
 from ksmtuned.errors import ConfigError, ExitCode
 
 F = "/etc/ksmtuned.conf"

@@ -273,7 +273,7 @@ def test_the_running_daemon_maps_no_heavy_library(tmp_path):
         maps = Path(f"/proc/{d.pid}/maps").read_text()
         assert "pydantic" not in maps and "prometheus" not in maps
         # and the modules behind that process: what importing them all pulls in
-        code = ("import sys, ksmtuned.cli, ksmtuned.daemon, ksmtuned.report, ksmtuned.config\n"
+        code = ("import sys, ksmtuned.cli, ksmtuned.engine.daemon, ksmtuned.report.reporter, ksmtuned.core.config\n"
                 "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                 "('pydantic', 'pydantic_core', 'prometheus_client', 'email') or m == 'importlib.metadata'))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)

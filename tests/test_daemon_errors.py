@@ -4,9 +4,9 @@ import logging
 import os
 from pathlib import Path
 
-from ksmtuned.config import build_settings
-from ksmtuned.daemon import Daemon
-from ksmtuned.ksm import KsmSysfs
+from ksmtuned.core.config import build_settings
+from ksmtuned.engine.daemon import Daemon
+from ksmtuned.kernel.ksm import KsmSysfs
 from tests.daemon_support import fake_ksm_dir
 
 
@@ -25,7 +25,7 @@ def test_same_error_is_rate_limited_and_recovery_logged(tmp_path, caplog):
     loaded = build_settings([], {"KSM_THRES_COEF": "100"}, "none")
     clock = Clock()
     d = Daemon(loaded, KsmSysfs(ksm), procfs=Path("/proc"), clock=clock)
-    caplog.set_level(logging.DEBUG, logger="ksmtuned.daemon")
+    caplog.set_level(logging.DEBUG, logger="ksmtuned.engine.daemon")
     for _ in range(100):
         d.adjust("interval")
         clock.now += 1  # a 1 s interval

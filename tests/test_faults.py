@@ -398,7 +398,7 @@ def test_guest_pids_reused_by_other_processes(tmp_path):
 
 def test_a_guest_caught_in_the_middle_of_exec_is_counted(tmp_path):
     """Scan in a tight loop while 400 guests are started: every one must be counted in the end."""
-    from ksmtuned.guests import GuestFinder
+    from ksmtuned.engine.guests import GuestFinder
 
     qemu = _fake_qemu(tmp_path)
     finder = GuestFinder()

@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
 
-from ksmtuned import config, meminfo
+from ksmtuned.core import config
+from ksmtuned.kernel import meminfo
 from ksmtuned.cli import build_parser, main
 from ksmtuned.errors import ConfigError, ExitCode, MeminfoError
 from tests.faultrig import make_procfs, make_sysfs

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.config import load_config
+from ksmtuned.service.config_file import load_config
 from ksmtuned.errors import ConfigError
-from ksmtuned.guests import (CLK_TCK, PF_FORKNOEXEC, YOUNG_S, Guest, GuestFinder, committed_kib, guest_name,
+from ksmtuned.engine.guests import (CLK_TCK, PF_FORKNOEXEC, YOUNG_S, Guest, GuestFinder, committed_kib, guest_name,
                              make_matcher)
 
 # -------------------------------------------------------------------------------------------
@@ -499,7 +499,7 @@ def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
     _fake_proc(fakeproc, 21, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "small"], 1000,
                rss_pages=65536, thp_kib=2048)
     finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
         gs = {g.name: g for g in finder.scan(details=True)}
         finder.scan(details=True)
         finder.scan()
@@ -515,7 +515,7 @@ def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_pa
     _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
                rss_pages=65536, thp_kib=200 * 1024)
     (fakeproc / "meminfo").write_text("MemTotal: 1000000 kB\nAnonHugePages: 0 kB\n")
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
         # its own reading: no THP on the host, so no smaps_rollup walk and no warning
         [g] = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path).scan()
         assert g.thp_kib is None
@@ -530,9 +530,9 @@ def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_pa
 
 
 def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_path, caplog):
-    from ksmtuned.config import build_settings
-    from ksmtuned.daemon import Daemon
-    from ksmtuned.ksm import KsmSysfs
+    from ksmtuned.core.config import build_settings
+    from ksmtuned.engine.daemon import Daemon
+    from ksmtuned.kernel.ksm import KsmSysfs
     from tests.daemon_support import fake_ksm_dir
     from tests.faultrig import meminfo_text
 
@@ -541,7 +541,7 @@ def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_p
     (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 0 kB\n")
     loaded = build_settings([], {"KSM_GUEST_MATCH": "debian"}, "none")
     d = Daemon(loaded, KsmSysfs(fake_ksm_dir(tmp_path)), procfs=fakeproc, run_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
         report = d.adjust("interval")
         assert [g.thp_kib for g in report.guests] == [None] and report.error is None
         assert not caplog.records

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from ksmtuned.guests import GuestFinder
+from ksmtuned.engine.guests import GuestFinder
 
 pytestmark = [pytest.mark.slow]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.guests import GuestFinder
+from ksmtuned.engine.guests import GuestFinder
 from tests import qemu_support as qs
 from tests.daemon_support import DaemonProc, fake_ksm_dir
 
@@ -157,7 +157,7 @@ def test_a_thp_backed_guest_triggers_the_warning(tmp_path, caplog):
         if thp < MIB * 1024 // 2:
             pytest.skip(f"the kernel backed only {thp} kB of the guest with huge pages (fragmented memory?)")
         finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
-        with caplog.at_level(logging.WARNING, logger="ksmtuned.guests"):
+        with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
             [f] = [x for x in finder.scan() if x.pid == g.pid]
             finder.scan(details=True)
         warnings = [r.getMessage() for r in caplog.records if f"(pid {g.pid})" in r.getMessage()]

@@ -78,7 +78,7 @@ def test_hook_is_an_executable_posix_sh_script():
 
 
 def test_hook_default_pid_file_is_the_daemons():
-    from ksmtuned.cli import DEFAULT_PIDFILE
+    from ksmtuned.paths import DEFAULT_PIDFILE
 
     assert "pidfile=${PIDFILE:-%s}" % DEFAULT_PIDFILE.replace("/var/run/", "/run/", 1) in HOOK.read_text()
 

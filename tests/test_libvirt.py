@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.guests import GuestFinder
+from ksmtuned.engine.guests import GuestFinder
 from tests import libvirt_support as lv
 from tests.daemon_support import DaemonProc
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ksmtuned.errors import KsmtunedError, MeminfoError
-from ksmtuned.meminfo import free_kib, parse_meminfo, read_meminfo, total_kib
+from ksmtuned.kernel.meminfo import free_kib, parse_meminfo, read_meminfo, total_kib
 
 DATA = Path(__file__).parent / "data"
 

@@ -20,8 +20,8 @@ import pytest
 pytest.importorskip("prometheus_client", reason="the metrics extra (prometheus_client) is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ksmtuned.metrics import KSM_METRICS, families, rows  # noqa: E402
-from ksmtuned.report import GuestData, TickData  # noqa: E402
+from ksmtuned.report.metrics import KSM_METRICS, families, rows  # noqa: E402
+from ksmtuned.core.ticks import GuestData, TickData  # noqa: E402
 from tests.report_support import REPO, Daemon, FakeGuests, free_port, read_sysfs, running  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -196,8 +196,8 @@ def test_a_busy_port_does_not_stop_the_daemon_and_reload_tries_again(tmp_path):
 def test_prometheus_client_is_imported_only_when_metrics_are_configured(tmp_path):
     code = (
         "import sys\n"
-        "from ksmtuned.config import Settings\n"
-        "from ksmtuned.report import make_observers\n"
+        "from ksmtuned.core.config import Settings\n"
+        "from ksmtuned.report.reporter import make_observers\n"
         "make_observers(Settings(), state_path=None)\n"
         "print('prometheus_client' in sys.modules)\n"
         f"make_observers(Settings.from_aliases({{'KSM_METRICS_TEXTFILE': {str(tmp_path / 'm.prom')!r}}}), state_path=None)\n"
@@ -221,7 +221,7 @@ def _full_tick() -> TickData:
 
 def test_metric_names_are_ksmtuned_prefixed_and_unique():
     from prometheus_client import CollectorRegistry, generate_latest
-    from ksmtuned.metrics import LastTickCollector
+    from ksmtuned.report.metrics import LastTickCollector
 
     collector = LastTickCollector("9")
     registry = CollectorRegistry(auto_describe=False)
@@ -243,7 +243,7 @@ def test_metric_names_are_ksmtuned_prefixed_and_unique():
 def test_textfile_format_is_generate_latest_byte_for_byte():
     """The textfile's own fast formatter writes exactly what prometheus_client would."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from ksmtuned.metrics import LastTickCollector, exposition
+    from ksmtuned.report.metrics import LastTickCollector, exposition
 
     collector = LastTickCollector("9")
     collector.data = _full_tick()
@@ -258,7 +258,7 @@ def test_textfile_format_is_generate_latest_byte_for_byte():
 def exported_names() -> set[str]:
     """Every sample name the exporter can produce (a tick where everything is present)."""
     from prometheus_client import CollectorRegistry, generate_latest
-    from ksmtuned.metrics import LastTickCollector
+    from ksmtuned.report.metrics import LastTickCollector
 
     collector = LastTickCollector("9")
     collector.data = _full_tick()

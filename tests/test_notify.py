@@ -62,7 +62,7 @@ def test_ready_status_watchdog_stopping(tmp_path):
 
 def test_silent_without_notify_socket(tmp_path):
     """Outside systemd nothing is sent and nothing fails."""
-    from ksmtuned.notify import Notifier
+    from ksmtuned.service.notify import Notifier
 
     n = Notifier({})
     assert not n.enabled and n.watchdog_s is None

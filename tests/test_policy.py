@@ -2,7 +2,7 @@
 
 import pytest
 
-from ksmtuned.policy import (
+from ksmtuned.core.policy import (
     Branch, Limits, Sample, Tuning, bash_div, clamp_npages, decide, limits_for, sleep_ms_for,
     start_lines, thres_kib_for, tick_lines,
 )

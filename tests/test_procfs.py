@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ksmtuned.procfs import CHUNK, OpenFiles, on_kernel_fs, read_bytes, read_record
+from ksmtuned.kernel.procfs import CHUNK, OpenFiles, on_kernel_fs, read_bytes, read_record
 
 
 def _python_read(path) -> bytes:

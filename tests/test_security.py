@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.config import parse_listen, Settings
+from ksmtuned.core.config import parse_listen, Settings
 from tests.conftest import REPO
 from tests.faultrig import HAS_STATE_FILE, Daemon, make_procfs, make_sysfs, read_text, wait_until, write_atomic
 

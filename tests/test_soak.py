@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.config import load_config
-from ksmtuned.daemon import Daemon
-from ksmtuned.ksm import KsmSysfs
+from ksmtuned.service.config_file import load_config
+from ksmtuned.engine.daemon import Daemon
+from ksmtuned.kernel.ksm import KsmSysfs
 from tests.faultrig import BOOST, STOP, make_sysfs, write_atomic
 
 CYCLES = int(os.environ.get("KSMTUNED_SOAK_CYCLES", 100_000))
@@ -68,7 +68,7 @@ def quiet_ksmtuned_log():
 
 def _has_report() -> bool:
     try:
-        import ksmtuned.report  # noqa: F401
+        import ksmtuned.report.reporter  # noqa: F401
     except ImportError:
         return False
     return Path("/dev/shm").is_dir()
@@ -106,7 +106,7 @@ def test_100k_adjusts_grow_rss_by_less_than_1_mib_and_leak_no_fd(tmp_path, with_
         loaded = load_config(conf, env={})
         observers = []
         if with_state:
-            from ksmtuned.report import make_observers
+            from ksmtuned.report.reporter import make_observers
 
             # on tmpfs, as /run/ksmtuned is: fsync costs nothing there
             state_dir = Path(tempfile.mkdtemp(prefix="ksmtuned-soak-", dir="/dev/shm"))

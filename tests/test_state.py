@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.state import HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, read_state, remove_stale_temps
+from ksmtuned.report.state import HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, read_state, remove_stale_temps
 from tests.report_support import Daemon, FAKE_KSM, read_sysfs, running
 
 # free < threshold for sure (threshold = 100 % of RAM): every tick boosts, deterministically

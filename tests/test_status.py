@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ksmtuned.report import Ksmd, read_proc_stat
-from ksmtuned.status import _recent_cpu, human_bytes, sparkline
+from ksmtuned.kernel.ksmd import Ksmd, read_proc_stat
+from ksmtuned.commands.status import _recent_cpu, human_bytes, sparkline
 from tests import ksmguard
 from tests.report_support import Daemon, ksm_read_lock, read_sysfs, running
 
@@ -209,7 +209,7 @@ def test_human_bytes(n, text):
 def test_counter_reader_drops_and_refinds_files(tmp_path):
     """KsmSysfs.counters() (status, and every tick for the state file and metrics) remembers
     which files exist; one that goes away is dropped, the rest still read, and found again."""
-    from ksmtuned.ksm import KsmSysfs
+    from ksmtuned.kernel.ksm import KsmSysfs
     from tests.report_support import fake_ksm_dir
 
     d = fake_ksm_dir(tmp_path)
@@ -225,7 +225,7 @@ def test_counter_reader_drops_and_refinds_files(tmp_path):
 
 def test_counters_take_known_values_instead_of_reading_them(tmp_path):
     """The daemon passes the knobs as its writes left them: those files are not read again."""
-    from ksmtuned.ksm import KsmSysfs
+    from ksmtuned.kernel.ksm import KsmSysfs
     from tests.report_support import fake_ksm_dir
 
     d = fake_ksm_dir(tmp_path)

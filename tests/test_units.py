@@ -195,7 +195,7 @@ def test_ksmtuned_service_directives():
 
 
 def test_ksmtuned_sandbox_keeps_what_the_daemon_needs():
-    from ksmtuned.cli import DEFAULT_PIDFILE
+    from ksmtuned.paths import DEFAULT_PIDFILE
 
     u = load("ksmtuned.service")
     assert one(u, "Service", "ProtectSystem") == "strict"
@@ -600,7 +600,8 @@ def _examples() -> dict[str, tuple[str, str]]:
 
 def test_shipped_config_sets_nothing(tmp_path):
     """Like the original: every setting commented out, so the file means 'all defaults'."""
-    from ksmtuned.config import KEYS, Settings, load_config
+    from ksmtuned.core.config import KEYS, Settings
+    from ksmtuned.service.config_file import load_config
 
     loaded = load_config(SHIPPED_CONF, env={})
     assert loaded.warnings == ()
@@ -612,7 +613,8 @@ def test_shipped_config_sets_nothing(tmp_path):
 def test_shipped_config_comments_state_unit_default_and_range(tmp_path):
     """Each key's comment gives its unit, default and range; each example line is valid, and
     for the numeric keys it is exactly the default the code uses."""
-    from ksmtuned.config import KEYS, Settings, load_config
+    from ksmtuned.core.config import KEYS, Settings
+    from ksmtuned.service.config_file import load_config
 
     examples = _examples()
     defaults = Settings()

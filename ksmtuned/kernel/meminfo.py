@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from .errors import MeminfoError
+from ..errors import MeminfoError
 from .procfs import read_record
 
 DEFAULT_MEMINFO = Path("/proc/meminfo")

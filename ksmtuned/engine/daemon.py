@@ -15,38 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import meminfo
-from .config import LoadedConfig, Settings
-from .errors import ConfigError, KernelInterfaceError, KsmtunedError
-from .events import Event, SignalEvents
-from .guests import Guest, GuestFinder, committed_kib
-from .ksm import KsmSysfs, Write
-from .logs import DebugLog
-from .notify import Notifier
-from .procfs import OpenFiles
-from .policy import Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
+from ..core.config import LoadedConfig, Settings
+from ..core.policy import Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
+from ..core.ticks import Guest, TickReport, Write, committed_kib
+from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
+from ..kernel import meminfo
+from ..kernel.ksm import KsmSysfs
+from ..kernel.procfs import OpenFiles
+from ..service.logs import DebugLog
+from ..service.notify import Notifier
+from ..service.signals import Event, SignalEvents
+from .guests import GuestFinder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TickReport:
-    """Everything one adjust saw and did, for observers (state file, metrics)."""
-
-    time_s: float  # wall clock
-    duration_s: float
-    reason: str  # "start", "interval", "retune", "reload", "once"
-    settings: Settings
-    limits: Limits | None
-    decision: Decision | None
-    writes: list[Write] = field(default_factory=list)
-    guests: list[Guest] = field(default_factory=list)
-    meminfo: dict[str, int] = field(default_factory=dict)
-    free_kib: int | None = None
-    committed_kib: int | None = None
-    error: str | None = None
-    #: KSM files as apply() left them (path -> value, read or written): the state file need not read them again
-    knobs: dict[str, str] = field(default_factory=dict)
 
 
 Observer = Callable[[TickReport], None]

@@ -14,8 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ExitCode, NotRunningError
-from .commands import paths as _paths
+from ..core.ticks import PAGE_SIZE
+from ..errors import ExitCode, NotRunningError
+from ..kernel.ksm import KsmSysfs
+from ..kernel.ksmd import Ksmd, process_age_s
+from ..paths import Paths
+from ..report.state import read_state
+from ..service.config_file import pidfile_in_force
+from ..service.pidfile import running_daemon
 
 STATUS_SCHEMA = 1
 #: ksmd's "recent" CPU use is measured over at most this many of the last ticks.
@@ -28,11 +34,6 @@ ASCII_SPARKS = " .:-=+*#%@"
 def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Path,
                    now_s: float | None = None) -> dict[str, Any]:
     """Everything `status` shows, as the documented JSON object."""
-    from .ksm import KsmSysfs
-    from .pidfile import running_daemon
-    from .report import PAGE_SIZE, Ksmd, process_age_s
-    from .state import read_state
-
     now_s = time.time() if now_s is None else now_s
     try:
         pid: int | None = running_daemon(pidfile, procfs)
@@ -254,14 +255,10 @@ def _can_encode(text: str) -> bool:
         return False
 
 
-def cmd_status(args) -> int:
+def main(paths: Paths, as_json: bool = False) -> int:
     """Exit 0 (also when no daemon runs: the text says so); 69 when the kernel has no KSM."""
-    from .cli import DEFAULT_STATE_FILE, _opt, pidfile_path
-
-    sysfs_root, procfs = _paths(args)
-    state_path = Path(_opt(args, "state_file", DEFAULT_STATE_FILE))
-    st = collect_status(sysfs_root, procfs, pidfile_path(args), state_path)
-    if getattr(args, "json", False):
+    st = collect_status(Path(paths.sysfs), Path(paths.procfs), pidfile_in_force(paths), Path(paths.state_file))
+    if as_json:
         print(json.dumps(st, indent=2))
     else:
         sys.stdout.write(render_text(st))

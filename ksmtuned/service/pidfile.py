@@ -11,7 +11,7 @@ import fcntl
 import os
 import stat
 
-from .errors import AlreadyRunningError, KsmtunedError, NotRunningError
+from ..errors import AlreadyRunningError, KsmtunedError, NotRunningError
 
 PROCESS_NAME = "ksmtuned"
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
 from .policy import Tuning
 
-DEFAULT_CONFIG_PATH = Path("/etc/ksmtuned.conf")
-DEFAULT_PIDFILE = "/var/run/ksmtune.pid"
+DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Unquoted characters that are shell syntax (commands, pipes, redirections, expansions).
@@ -426,70 +425,46 @@ def build_settings(
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 
 
-def load_config(
-    path: Path = DEFAULT_CONFIG_PATH,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, object] | None = None,
-    missing_ok: bool = True,
-) -> LoadedConfig:
-    """Read and validate the config file.
-
-    With missing_ok, a missing or empty file means all defaults (as the old daemon at start);
-    without it (reload) either is a ConfigError, so the settings in force stay.
-    """
-    env = os.environ if env is None else env
-    filename = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        if not missing_ok:
-            raise ConfigError(f"{filename}: no such file") from None
-        loaded = build_settings([], env, filename, overrides)
-        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
-    except OSError as e:
-        raise ConfigError(f"{filename}: cannot read: {e.strerror}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_no = data[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{filename}:{line_no}: not valid UTF-8 text") from None
-    if not missing_ok and not text.strip(" \t\r\n\ufeff"):
-        raise ConfigError(f"{filename}: the file is empty")
-    return build_settings(parse_assignments(text, filename), env, filename, overrides)
+#: The documentation of each key: (unit, range in words, meaning).  The man page ksmtuned.conf(5)
+#: and the README's table are generated from this and the fields (defaults) by reference_rows().
+REFERENCE: dict[str, tuple[str, str, str]] = {
+    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", "> 0, <= 86400", "time between adjusts"),
+    "KSM_SLEEP_MSEC": ("ms, for a 16 GiB host", "0 - 10,000,000",
+                       "ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms"),
+    "KSM_NPAGES_BOOST": ("pages", ">= 0", "added to npages when free < threshold"),
+    "KSM_NPAGES_DECAY": ("pages", "<= 0", "added to npages otherwise, while KSM runs"),
+    "KSM_NPAGES_MIN": ("pages", ">= 0", "lower clamp of pages_to_scan"),
+    "KSM_NPAGES_MAX": ("pages", ">= KSM_NPAGES_MIN", "upper clamp of pages_to_scan"),
+    "KSM_THRES_COEF": ("% of RAM", "0 - 100", "free-memory threshold"),
+    "KSM_THRES_CONST": ("kB", ">= 0", "the threshold is at least this"),
+    "LOGFILE": ("path", "", "where the debug lines go (else standard output)"),
+    "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
+    "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
+    "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
+    "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
+    "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
+    "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
+    "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
+}
 
 
-def check_file_safety(path: Path, expected_uid: int = 0) -> None:
-    """Refuse a config file, or its directory, that someone other than root could change.
+def _default_text(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "1" if value else "unset"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
-    A root daemon must not trust data others can write (sshd's StrictModes does the same).
-    """
-    path = Path(path)
-    try:
-        lst = os.lstat(path)
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot stat: {e.strerror}") from None
-    if stat.S_ISLNK(lst.st_mode) and lst.st_uid != expected_uid:
-        # planted in a sticky directory, it could point at any root-only file, whose lines the
-        # parse errors would then quote
-        raise ConfigError(
-            f"{path}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
-            f"fix with: rm {path}, and put the config file there (or pass --insecure-config)"
-        )
-    for target, st_ in ((path, st), (path.parent, os.stat(path.parent))):
-        kind = "file" if target == path else "directory"
-        if st_.st_uid != expected_uid:
-            raise ConfigError(
-                f"{target}: config {kind} is owned by uid {st_.st_uid}, not root; "
-                f"fix with: chown root {target} (or pass --insecure-config)"
-            )
-        writable_by_others = st_.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if kind == "directory" and st_.st_mode & stat.S_ISVTX:
-            writable_by_others = 0 if st.st_uid == expected_uid else writable_by_others
-        if writable_by_others:
-            raise ConfigError(
-                f"{target}: config {kind} is writable by group or others (mode {stat.S_IMODE(st_.st_mode):o}); "
-                f"fix with: chmod go-w {target} (or pass --insecure-config)"
-            )
+
+def reference_rows() -> list[tuple[str, str, str, str, str]]:
+    """(key, unit, default, range, meaning) for every setting, in the model's order: the source
+    of the documentation tables, so they cannot drift from the model."""
+    rows = []
+    for alias in KEYS:
+        unit, range_, meaning = REFERENCE.get(alias, ("", "", ""))
+        rows.append((alias, unit, _default_text(Settings.default(alias)), range_, meaning))
+    return rows

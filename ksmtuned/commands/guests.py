@@ -11,8 +11,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .commands import paths as _paths
-from .errors import ExitCode
+from ..core.ticks import committed_kib
+from ..engine.guests import GuestFinder
+from ..errors import ExitCode
+from ..paths import Paths
+from ..service.config_file import load
 
 
 def _mib(kib: int | None) -> str:
@@ -41,8 +44,6 @@ def render_table(guests, metric: str, matchers) -> str:
     left = {1, 2}
     lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
-    from .guests import committed_kib
-
     lines.append(
         f"{len(guests)} guest(s) by {','.join(matchers)}; committed ({metric}): {committed_kib(guests, metric)} kB"
     )
@@ -55,17 +56,12 @@ def render_table(guests, metric: str, matchers) -> str:
     return "\n".join(lines)
 
 
-def cmd_guests(args) -> int:
-    from .cli import load
-    from .guests import GuestFinder, committed_kib
-
-    loaded = load(args)
-    _, procfs = _paths(args)
-    run_dir = Path(getattr(args, "run_dir", None) or "/run")
-    finder = GuestFinder.from_settings(loaded.settings, procfs=procfs, run_dir=run_dir)
+def main(paths: Paths, as_json: bool = False) -> int:
+    loaded = load(paths)
+    finder = GuestFinder.from_settings(loaded.settings, procfs=Path(paths.procfs), run_dir=Path(paths.run_dir))
     guests = finder.scan(details=True)
     metric = loaded.settings.ps_metric
-    if getattr(args, "json", False):
+    if as_json:
         print(json.dumps({
             "matchers": list(finder.matcher_names),
             "metric": metric,

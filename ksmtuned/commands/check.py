@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the finder is imported only when guests are scanned
-    from .guests import Guest
+    from ..core.ticks import Guest
 
-from .errors import ExitCode
+from ..errors import ExitCode
+from ..paths import DEFAULT_PIDFILE, DEFAULT_RUN_DIR, Paths
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -214,15 +215,15 @@ def systemd_services(units=("ksm.service", "ksmtuned.service"),
 
 
 def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys/kernel/mm/ksm"),
-              mm: Path | None = None, pidfile: str = "/var/run/ksmtune.pid",
+              mm: Path | None = None, pidfile: str = DEFAULT_PIDFILE, run_dir: Path = Path(DEFAULT_RUN_DIR),
               systemd_dir: Path = Path("/run/systemd/system")) -> Host:
     """Read everything the checks need; a part that cannot be read is noted in ``errors``."""
-    from .conflicts import other_tuners
-    from .errors import KsmtunedError, NotRunningError
-    from .guests import GuestFinder
-    from .ksm import KsmSysfs
-    from .meminfo import read_meminfo, total_kib
-    from .pidfile import running_daemon
+    from ..engine.guests import GuestFinder
+    from ..errors import KsmtunedError, NotRunningError
+    from ..kernel.ksm import KsmSysfs
+    from ..kernel.meminfo import read_meminfo, total_kib
+    from ..kernel.tuners import other_tuners
+    from ..service.pidfile import running_daemon
 
     procfs, ksm_dir = Path(procfs), Path(ksm_dir)
     mm = Path(mm) if mm is not None else ksm_dir.parent
@@ -237,7 +238,7 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
     cores, cpus = physical_cores(procfs / "cpuinfo")
     guests: list[GuestSpec] = []
     try:
-        finder = GuestFinder.from_settings(settings, procfs=procfs)
+        finder = GuestFinder.from_settings(settings, procfs=procfs, run_dir=Path(run_dir))
         found = finder.scan(details=True)
         guests = [guest_spec(g) for g in found]
     except KsmtunedError as e:
@@ -439,25 +440,24 @@ def render_text(checks: list[Check]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cmd_check(args) -> int:
+def main(paths: Paths, as_json: bool = False) -> int:
     """Exit 0 when no check fails, 1 when any does."""
-    from .cli import load, pidfile_path
-    from .commands import paths
-    from .config import Settings
-    from .errors import ConfigError
+    from ..core.config import Settings
+    from ..errors import ConfigError
+    from ..service.config_file import load, pidfile_in_force
 
-    sysfs_root, procfs = paths(args)
     config_check = None
     try:
-        settings = load(args).settings
+        settings = load(paths).settings
     except ConfigError as e:
         settings = Settings()
         config_check = Check("config", "fail", f"{str(e).splitlines()[0]} (checked with the defaults)")
-    host = read_host(settings, procfs=procfs, ksm_dir=sysfs_root, pidfile=pidfile_path(args))
+    host = read_host(settings, procfs=Path(paths.procfs), ksm_dir=Path(paths.sysfs), pidfile=pidfile_in_force(paths),
+                     run_dir=Path(paths.run_dir))
     checks = run_checks(host)
     if config_check is not None:
         checks.insert(0, config_check)
-    if getattr(args, "json", False):
+    if as_json:
         print(json.dumps(report(host, checks), indent=2))
     else:
         sys.stdout.write(render_text(checks))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
+from ..core.ticks import Write
+from ..errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
 from .procfs import OpenFiles, read_bytes
 
 DEFAULT_SYSFS = Path("/sys/kernel/mm/ksm")
@@ -29,15 +30,6 @@ KNOBS = (
     "use_zero_pages", "smart_scan", "advisor_mode", "advisor_max_cpu", "advisor_target_scan_time",
     "advisor_min_pages_to_scan", "advisor_max_pages_to_scan",
 )
-
-
-@dataclass(frozen=True)
-class Write:
-    """One knob change, for logging old -> new."""
-
-    name: str
-    old: str | None
-    new: str
 
 
 def _wrap(e: OSError, path: Path | str, action: str) -> KernelInterfaceError:

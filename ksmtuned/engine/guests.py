@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .procfs import OpenFiles, read_bytes, read_record
+from ..core.ticks import PAGE_KIB, Guest, _thp_warning, committed_kib  # noqa: F401 (committed_kib: re-exported)
+from ..kernel.procfs import OpenFiles, read_bytes, read_record
 
 log = logging.getLogger(__name__)
 
@@ -73,63 +74,7 @@ PF_FORKNOEXEC = 0x00000040
 MAX_NEW_PIDS = 256
 #: List /proc in full at least every this many scans, to drop exited processes from the cache.
 FULL_LISTING_EVERY = 100
-#: The THP warning: at least this share of the guest's RSS on transparent huge pages.
-THP_WARN_SHARE = 0.10
-
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class Guest:
-    """One guest process and what it holds.  Sizes in kB (KiB), as ``ps`` and meminfo.
-
-    ``pss_kib`` and ``thp_kib`` are None where ``smaps_rollup`` was not read in this scan
-    (it is expensive) or could not be; the ``ksm_*`` fields are None where the kernel has no
-    ``/proc/PID/ksm_stat`` (before 6.1) or it could not be read.
-    """
-
-    pid: int
-    name: str  # the guest's name where known (-name, pid file, qemu:NAME), else the process name
-    matcher: str  # the first configured matcher that claims it
-    rss_kib: int
-    vsz_kib: int = 0
-    pss_kib: int | None = None
-    thp_kib: int | None = None  # AnonHugePages: RAM on transparent huge pages, which KSM does not merge
-    ksm_merging_pages: int | None = None  # this guest's pages merged by KSM
-    ksm_zero_pages: int | None = None  # merged with the kernel's zero page (use_zero_pages=1)
-    ksm_profit_bytes: int | None = None  # ksm_process_profit: saved minus KSM's own metadata
-    ksm_mergeable: bool | None = None  # has memory opted in to KSM
-    matchers: tuple[str, ...] = ()  # every configured matcher that claims it
-    comm: str = ""
-    cmdline: tuple[str, ...] = ()
-    start_time_s: float = 0.0  # wall clock (epoch seconds)
-    pidfile: str | None = None  # the pid file that names it, if one does
-    name_known: bool = False  # name came from the guest's configuration, not the process name
-
-    @property
-    def ksm_saved_kib(self) -> int | None:
-        """Memory KSM saves in this guest: its merged pages (plus zero-page merges)."""
-        if self.ksm_merging_pages is None:
-            return None
-        return (self.ksm_merging_pages + (self.ksm_zero_pages or 0)) * PAGE_KIB
-
-    @property
-    def thp_warning(self) -> bool:
-        return _thp_warning(self.thp_kib, self.rss_kib)
-
-    def metric_kib(self, metric: str) -> int:
-        """The size counted by KSM_PS_METRIC (rss, pss or vsz); 0 where unknown."""
-        return getattr(self, f"{metric}_kib") or 0
-
-
-def _thp_warning(thp_kib: int | None, rss_kib: int) -> bool:
-    return bool(thp_kib) and thp_kib >= THP_WARN_SHARE * max(rss_kib, 1)
-
-
-def committed_kib(guests: Iterable[Guest], metric: str = "rss") -> int:
-    """The guests' committed memory by KSM_PS_METRIC, in kB."""
-    return sum(g.metric_kib(metric) for g in guests)
 
 
 # --- matchers ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric,
                                     SummaryMetricFamily)
 
-from .report import TickData
+from ..core.ticks import TickData
 from .state import atomic_write
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,68 @@
+"""Forking into the background the way the old daemon did, with one improvement: the parent
+returns only once the child holds the pid file, with the child's exit code and message."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+from ..errors import ExitCode, KsmtunedError
+
+log = logging.getLogger("ksmtuned")
+
+
+def tell_parent(fd: Optional[int], message: str) -> None:
+    """Send "CODE message" to the waiting parent (once); nothing when not forked."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, (message + "\n").encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def daemonize(serve: Callable[[Optional[int]], int]) -> int:
+    """Fork twice (new session, no terminal ever), then ``serve(ready_fd)`` in the grandchild.
+
+    Returns, in the parent, the code the child sent through ``ready_fd`` ("0 ok" once it holds
+    the pid file), printing the child's message for a non-zero code.  Never returns in the child.
+    """
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_fd)
+        with os.fdopen(read_fd) as r:
+            answer = r.readline().strip()
+        os.waitpid(pid, 0)
+        code, _, message = answer.partition(" ")
+        if not code.isdigit():
+            print("ksmtuned: the daemon failed to start (see the log)", file=sys.stderr)
+            return ExitCode.SOFTWARE
+        if int(code) != 0:
+            print(f"ksmtuned: {message}", file=sys.stderr)
+        return int(code)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    os.chdir("/")
+    os.umask(0o022)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    code = int(ExitCode.SOFTWARE)
+    try:
+        code = int(serve(write_fd))
+    except KsmtunedError as e:
+        log.error("%s", e)
+        code = int(e.exit_code)
+    except BaseException:
+        log.exception("daemon crashed")
+    finally:
+        logging.shutdown()
+        os._exit(code)
