@@ -1,0 +1,336 @@
+"""The Ansible role (contrib/ansible/roles/ksmtuned) run for real with ansible-core against two
+Debian 13 hosts: chroots of the cached debootstrap base (tools/debian-chroot.sh), reached with
+Ansible's chroot connection (community.general.chroot), the role installing the Debian package
+built from this checkout.
+
+* ``fresh``: a bare Debian 13;
+* ``old``: Debian's own bash ksmtuned installed first, its config edited by an admin, its debug
+  log /var/log/ksmtuned left behind.
+
+Each host is an overlay of the base, mounted (with its own /proc, /dev, /tmp, /run) in a mount
+and PID namespace that a holder process keeps; every ansible-playbook runs inside it (nsenter),
+and ending the holder ends every process the role started there.  The hosts have no running
+systemd, so the role's service handling goes through the package's SysV scripts (service(8),
+update-rc.d): the services really start, and the daemon really runs, on a stand-in KSM
+directory mounted where the kernel's would be (/sys is a tmpfs in there: the machine's KSM is
+never touched).  What systemd hosts do instead (systemctl enable, start, reload through the
+unit's ExecReload=kill -HUP) is the same ansible.builtin.service task; the unit's reload is
+tested in tests/test_units.py.
+
+Asserted: the config file written from the role's variables (every key the daemon knows),
+check-config refusing a bad value and an unknown key (the run fails, the old file stays), the
+services enabled and running, a config change reloading the daemon (SIGHUP: same pid, the
+new value in force), the old package replaced and its leftovers gone, and a second run with
+the same variables changing nothing (changed=0 on both hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, is_root
+
+pytestmark = [pytest.mark.ansible, pytest.mark.slow]
+
+ROLE_DIR = REPO / "contrib" / "ansible"
+PLAYBOOK = ROLE_DIR / "site.yml"
+ANSIBLE_PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
+COLLECTIONS = Path(sys.prefix)  # .ci/run unpacks community.general into <venv>/ansible_collections
+HOSTS = ("fresh", "old")
+#: the stand-in KSM directory each host gets at /sys/kernel/mm/ksm
+KSM_FILES = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_sharing": "0",
+             "pages_shared": "0", "full_scans": "0", "pages_unshared": "0", "pages_volatile": "0"}
+
+
+def _package_tier():
+    """The Debian 13 chroot and the .deb come from the package tier (tests/test_package.py)."""
+    try:
+        from tests import test_package
+    except ImportError as e:  # pragma: no cover - the package tier is not there
+        pytest.skip(f"the package tier (tests/test_package.py) is missing: {e}")
+    return test_package
+
+
+def _why_not() -> str | None:
+    if not is_root():
+        return "needs root (chroot, overlay mounts, namespaces)"
+    if not ANSIBLE_PLAYBOOK.exists():
+        return f"ansible-core is not installed in this venv ({ANSIBLE_PLAYBOOK}): pip install ansible-core"
+    if not (COLLECTIONS / "ansible_collections" / "community" / "general").is_dir():
+        return f"the community.general collection is not in {COLLECTIONS}/ansible_collections (see .ci/run)"
+    for tool in ("nsenter", "unshare", "chroot"):
+        if not shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin"):
+            return f"{tool} is not installed"
+    return None
+
+
+def _require():
+    why = _why_not()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Ansible tier: {why}")
+        pytest.skip(why)
+
+
+class Fleet:
+    """Two chroot hosts mounted in a namespace held by one process; ansible-playbook runs in it."""
+
+    def __init__(self, work: Path, base: Path, deb: Path):
+        self.work = work
+        self.base = base
+        self.deb = deb
+        self.holder: subprocess.Popen | None = None
+        self.log = work / "runs.log"
+        self.runs = 0
+
+    def root(self, host: str) -> Path:
+        return self.work / host / "root"
+
+    def start(self) -> "Fleet":
+        lines = ["set -eu"]
+        for host in HOSTS:
+            s = self.work / host
+            r = self.root(host)
+            lines += [
+                f"mkdir -p {s}/upper {s}/work {r}",
+                f"mount -t overlay overlay -o lowerdir={self.base},upperdir={s}/upper,workdir={s}/work {r}",
+                f"mount -t proc proc {r}/proc",
+                f"mount -t tmpfs -o mode=755,size=16m dev {r}/dev",
+                f"for d in null zero full random urandom tty; do touch {r}/dev/$d; mount --bind /dev/$d {r}/dev/$d; done",
+                f"mkdir -p {r}/dev/pts {r}/dev/shm; ln -s /proc/self/fd {r}/dev/fd",
+                f"mount -t tmpfs -o mode=1777 tmp {r}/tmp",
+                f"mount -t tmpfs -o mode=755 run {r}/run",
+                # a stand-in KSM directory where the kernel's is: the daemon tunes it, not ours
+                f"mount -t tmpfs -o mode=755 sys {r}/sys",
+                f"mkdir -p {r}/sys/kernel/mm/ksm",
+                *[f"echo {v} > {r}/sys/kernel/mm/ksm/{k}" for k, v in KSM_FILES.items()],
+            ]
+        lines.append("echo ready; exec sleep 3600")
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "bash", "-c", "\n".join(lines)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != "ready":
+            self.holder.wait(30)
+            raise AssertionError(f"mounting the hosts failed: {self.holder.stderr.read()}")
+        return self
+
+    def ns_pid(self) -> int:
+        """The pid (in our namespace) of the namespace's first process: the bash under unshare."""
+        assert self.holder
+        kids = Path(f"/proc/{self.holder.pid}/task/{self.holder.pid}/children").read_text().split()
+        assert len(kids) == 1, kids
+        return int(kids[0])
+
+    def inside(self, *argv: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run a command in the hosts' mount and PID namespaces (on the host side of the chroots)."""
+        return subprocess.run(["nsenter", f"--target={self.ns_pid()}", "--mount", "--pid", "--", *argv],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+
+    def sh(self, host: str, script: str) -> subprocess.CompletedProcess:
+        """A shell command inside one host (chroot), as root."""
+        return self.inside("chroot", str(self.root(host)), "/bin/sh", "-c", script, timeout=120)
+
+    def playbook(self, **extra_vars) -> subprocess.CompletedProcess:
+        """The shipped site.yml with the shipped role, on both hosts."""
+        self.runs += 1
+        home = self.work / "controller"
+        home.mkdir(exist_ok=True)
+        inventory = self.work / "inventory.yml"
+        inventory.write_text(json.dumps({"kvm_hosts": {
+            "hosts": {h: {"ansible_host": str(self.root(h))} for h in HOSTS},
+            "vars": {"ansible_connection": "community.general.chroot", "ansible_python_interpreter": "/usr/bin/python3",
+                     "ansible_become": False,  # root already; a chroot has no sudo
+                     "ksmtuned_install": "deb", "ksmtuned_deb": str(self.deb)},
+        }}))
+        varsfile = self.work / f"vars-{self.runs}.json"
+        varsfile.write_text(json.dumps(extra_vars))
+        env = {"PATH": f"{ANSIBLE_PLAYBOOK.parent}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(home),
+               "LC_ALL": "C.UTF-8", "ANSIBLE_HOME": str(home / ".ansible"),
+               "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS), "ANSIBLE_ROLES_PATH": str(ROLE_DIR / "roles"),
+               "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_RETRY_FILES_ENABLED": "0",
+               "ANSIBLE_LOCAL_TEMP": str(home / "tmp"), "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3"}
+        r = self.inside(str(ANSIBLE_PLAYBOOK), "-i", str(inventory), str(PLAYBOOK), "-e", f"@{varsfile}", env=env)
+        with open(self.log, "a") as f:
+            f.write(f"=== run {self.runs} {extra_vars}\n{r.stdout}\n{r.stderr}\n")
+        return r
+
+    def stop(self) -> None:
+        """The holder's end is the namespace's: every daemon the role started there is killed."""
+        if self.holder and self.holder.poll() is None:
+            self.holder.send_signal(signal.SIGKILL)  # unshare; its child (pid 1 inside) gets SIGKILL too
+            self.holder.wait(30)
+            try:
+                os.kill(self.ns_pid(), signal.SIGKILL)
+            except (OSError, AssertionError, FileNotFoundError):
+                pass
+
+
+def recap(out: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP: {host: {ok, changed, unreachable, failed, ...}}."""
+    found = {}
+    for m in re.finditer(r"^(\S+)\s+:\s+((?:\w+=\d+\s*)+)$", out, re.M):
+        found[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return found
+
+
+def all_settings() -> dict[str, str]:
+    """Every key the daemon knows, with its default (`ksmtuned check-config` on an empty file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        conf = Path(d) / "empty.conf"
+        conf.write_text("")
+        out = subprocess.run([sys.executable, "-m", "ksmtuned", "check-config", "--config", str(conf)],
+                             capture_output=True, text=True, check=True, cwd=REPO).stdout
+    keys = {}
+    for line in out.splitlines():
+        m = re.match(r"^([A-Z][A-Z0-9_]*)=(\S*)\s+#", line)
+        if m:
+            keys[m.group(1)] = m.group(2)
+    assert "KSM_MONITOR_INTERVAL" in keys and "KSM_METRICS_LISTEN" in keys, out
+    return keys
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    _require()
+    pkg = _package_tier()
+    out, _log, _lintian = pkg.trixie.__wrapped__(tmp_path_factory) if hasattr(pkg.trixie, "__wrapped__") \
+        else _build_deb(pkg, tmp_path_factory)
+    deb = out / "ksmtuned_0.1.0_all.deb"
+    assert deb.exists(), list(out.iterdir())
+    base = Path(subprocess.run([str(pkg.SCRIPT), "path", *pkg.CHROOT_OPTS], capture_output=True, text=True,
+                               check=True, timeout=1800).stdout.strip())
+    work = tmp_path_factory.mktemp("ansible")
+    # the old host: Debian's bash ksmtuned (from the base's apt cache), an admin's edit, its log
+    old = pkg.Chroot(work / "old", {})
+    old.run(f"""
+        apt-get install {pkg.APT_OPTS} ksmtuned >/dev/null
+        dpkg-query -W -f '${{Version}}' ksmtuned > /root/old-version
+        sed -i 's/^# *KSM_NPAGES_MAX=.*/KSM_NPAGES_MAX=4000/' /etc/ksmtuned.conf
+        echo 'Mon Dec  1 00:00:00 UTC 2026: total 16777216' > /var/log/ksmtuned
+    """)
+    (work / "fresh").mkdir()
+    f = Fleet(work, base, deb).start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def _build_deb(pkg, tmp_path_factory):
+    """The package tier's fixture body (a pytest fixture cannot be called directly)."""
+    return pkg.trixie.__pytest_wrapped__.obj(tmp_path_factory)
+
+
+def conf_text(fleet: Fleet, host: str) -> str:
+    return (fleet.root(host) / "etc" / "ksmtuned.conf").read_text()
+
+
+def daemon_pid(fleet: Fleet, host: str) -> int:
+    r = fleet.sh(host, "cat /var/run/ksmtune.pid")
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def settings_for_test() -> dict[str, object]:
+    """A value for every key: the defaults, a few changed, metrics to a textfile."""
+    s: dict[str, object] = {k: v for k, v in all_settings().items() if v != ""}
+    s.update({"KSM_MONITOR_INTERVAL": 2, "KSM_NPAGES_MAX": 2000, "KSM_THRES_COEF": 25, "DEBUG": True,
+              "LOGFILE": "/var/log/ksmtuned.debug"})
+    return s
+
+
+TEXTFILE = "/var/lib/prometheus/node-exporter/ksmtuned.prom"
+
+
+def expected_conf(settings: dict[str, object]) -> list[str]:
+    full = {**settings, "KSM_METRICS_TEXTFILE": TEXTFILE}
+    out = []
+    for k in sorted(full):
+        v = full[k]
+        out.append(f"{k}=1" if v is True else f"{k}=" if v is False or v is None else f"{k}={v}")
+    return out
+
+
+def test_first_run_installs_configures_and_starts(fleet):
+    settings = settings_for_test()
+    r = fleet.playbook(ksmtuned_settings=settings, ksmtuned_metrics_textfile=TEXTFILE)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    rc = recap(r.stdout)
+    assert set(rc) == set(HOSTS) and all(v["failed"] == 0 and v["changed"] > 0 for v in rc.values()), rc
+    for host in HOSTS:
+        text = conf_text(fleet, host)
+        lines = [l for l in text.splitlines() if l and not l.startswith("#")]
+        assert lines == expected_conf(settings), text
+        assert "Ansible managed" in text
+        # the package is ours (the old host's bash ksmtuned upgraded in place)
+        v = fleet.sh(host, "dpkg-query -W -f '${Version}' ksmtuned; echo; /usr/sbin/ksmtuned --version")
+        assert v.stdout.splitlines()[0] == "1:0.1.0", v.stdout + v.stderr
+        # both services enabled at boot (update-rc.d's links) and running
+        links = fleet.sh(host, "ls /etc/rc2.d/")
+        assert re.search(r"^S\d\dksm$", links.stdout, re.M) and re.search(r"^S\d\dksmtuned$", links.stdout, re.M), \
+            links.stdout
+        st = fleet.sh(host, "service ksmtuned status")
+        assert st.returncode == 0, st.stdout + st.stderr
+        pid = daemon_pid(fleet, host)
+        assert fleet.sh(host, f"cat /proc/{pid}/comm").stdout.strip() == "ksmtuned"
+        # the daemon reads the file the role wrote: the debug log and the metrics textfile appear
+        deadline = time.monotonic() + 30
+        while not (fleet.root(host) / TEXTFILE.lstrip("/")).exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (fleet.root(host) / TEXTFILE.lstrip("/")).exists()
+        assert "ksmtuned_monitor_interval_seconds 2.0" in (fleet.root(host) / TEXTFILE.lstrip("/")).read_text()
+    assert (fleet.root("old") / "root" / "old-version").read_text() != "1:0.1.0"
+    assert not (fleet.root("old") / "var" / "log" / "ksmtuned").exists()  # the old daemon's log: gone
+
+
+def test_second_run_changes_nothing(fleet):
+    before = {h: (conf_text(fleet, h), daemon_pid(fleet, h)) for h in HOSTS}
+    r = fleet.playbook(ksmtuned_settings=settings_for_test(), ksmtuned_metrics_textfile=TEXTFILE)
+    assert r.returncode == 0, r.stdout[-6000:]
+    rc = recap(r.stdout)
+    assert all(v["changed"] == 0 and v["failed"] == 0 for v in rc.values()), (rc, r.stdout[-6000:])
+    assert {h: (conf_text(fleet, h), daemon_pid(fleet, h)) for h in HOSTS} == before
+
+
+def test_a_changed_setting_reloads_the_daemon_not_restarts(fleet):
+    pids = {h: daemon_pid(fleet, h) for h in HOSTS}
+    settings = {**settings_for_test(), "KSM_MONITOR_INTERVAL": 3}
+    r = fleet.playbook(ksmtuned_settings=settings, ksmtuned_metrics_textfile=TEXTFILE)
+    assert r.returncode == 0, r.stdout[-6000:]
+    assert "RUNNING HANDLER [ksmtuned : Reload ksmtuned]" in r.stdout
+    for host in HOSTS:
+        assert "KSM_MONITOR_INTERVAL=3" in conf_text(fleet, host).splitlines()
+        assert daemon_pid(fleet, host) == pids[host]  # SIGHUP, not a restart
+        textfile = fleet.root(host) / TEXTFILE.lstrip("/")
+        deadline = time.monotonic() + 30
+        while "ksmtuned_monitor_interval_seconds 3.0" not in textfile.read_text():
+            assert time.monotonic() < deadline, textfile.read_text()
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"KSM_THRES_COEF": 150}, "KSM_THRES_COEF: expected a value less than or equal to 100"),
+    ({"KSM_NO_SUCH_KEY": 1}, "unknown key KSM_NO_SUCH_KEY"),
+])
+def test_check_config_rejects_a_bad_variable_and_the_old_file_stays(fleet, bad, why):
+    before = {h: (conf_text(fleet, h), daemon_pid(fleet, h)) for h in HOSTS}
+    r = fleet.playbook(ksmtuned_settings={**settings_for_test(), "KSM_MONITOR_INTERVAL": 3, **bad},
+                       ksmtuned_metrics_textfile=TEXTFILE)
+    assert r.returncode != 0
+    rc = recap(r.stdout)
+    assert all(v["failed"] == 1 for v in rc.values()), rc
+    assert why in r.stdout, r.stdout[-6000:]
+    assert {h: (conf_text(fleet, h), daemon_pid(fleet, h)) for h in HOSTS} == before
