@@ -14,8 +14,8 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import ExitCode, KsmtunedError
-from .paths import (DEFAULT_CONFIG, DEFAULT_KSM_DEFAULTS, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
-                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, Paths)
+from .paths import (DEFAULT_CONFIG, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
+                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, KSM_DEFAULTS_FILES, Paths)
 
 
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -127,19 +127,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.OK
 
 
-def ksmctl_main(argv: Optional[List[str]] = None) -> int:
-    """ksmctl start|stop: what ksm.service runs."""
+def build_ksmctl_parser() -> argparse.ArgumentParser:
+    """ksmctl's command line (also the source of its bash completion: tools/gen-completion.py)."""
     p = argparse.ArgumentParser(prog="ksmctl", description="Start or stop the kernel's KSM (for ksm.service)")
     p.add_argument("action", choices=["start", "stop"])
     p.add_argument("--sysfs", metavar="DIR", default=DEFAULT_SYSFS)
     p.add_argument("--procfs", metavar="DIR", default=DEFAULT_PROCFS)
-    p.add_argument("--defaults", metavar="PATH", default=DEFAULT_KSM_DEFAULTS,
-                   help=f"file with KSM_MAX_KERNEL_PAGES (default {DEFAULT_KSM_DEFAULTS})")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    p.add_argument("--defaults", metavar="PATH", default=None,
+                   help="file with KSM_MAX_KERNEL_PAGES (default: the first of "
+                        f"{' and '.join(KSM_DEFAULTS_FILES)} that exists)")
+    return p
+
+
+def ksmctl_main(argv: Optional[List[str]] = None) -> int:
+    """ksmctl start|stop: what ksm.service runs."""
+    args = build_ksmctl_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    defaults = (args.defaults,) if args.defaults else KSM_DEFAULTS_FILES
     from .commands import ksmctl
 
     try:
-        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=args.defaults)
+        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults)
     except KsmtunedError as e:
         print(f"ksmctl: {e}", file=sys.stderr)
         return e.exit_code
