@@ -38,7 +38,9 @@ from pathlib import Path
 
 import pytest
 
+from tests import test_package as pkg
 from tests.conftest import REPO, is_root
+from tests.test_package import trixie  # noqa: F401  (the fixture: the .deb built in the chroot)
 
 pytestmark = [pytest.mark.ansible, pytest.mark.slow]
 
@@ -50,15 +52,6 @@ HOSTS = ("fresh", "old")
 #: the stand-in KSM directory each host gets at /sys/kernel/mm/ksm
 KSM_FILES = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_sharing": "0",
              "pages_shared": "0", "full_scans": "0", "pages_unshared": "0", "pages_volatile": "0"}
-
-
-def _package_tier():
-    """The Debian 13 chroot and the .deb come from the package tier (tests/test_package.py)."""
-    try:
-        from tests import test_package
-    except ImportError as e:  # pragma: no cover - the package tier is not there
-        pytest.skip(f"the package tier (tests/test_package.py) is missing: {e}")
-    return test_package
 
 
 def _why_not() -> str | None:
@@ -97,6 +90,9 @@ class Fleet:
         return self.work / host / "root"
 
     def start(self) -> "Fleet":
+        """One holder: a mount and PID namespace with both hosts mounted in it; in it, one more
+        PID namespace per host (a host sees its own processes only, as two machines would), whose
+        procfs is that host's /proc."""
         lines = ["set -eu"]
         for host in HOSTS:
             s = self.work / host
@@ -104,7 +100,6 @@ class Fleet:
             lines += [
                 f"mkdir -p {s}/upper {s}/work {r}",
                 f"mount -t overlay overlay -o lowerdir={self.base},upperdir={s}/upper,workdir={s}/work {r}",
-                f"mount -t proc proc {r}/proc",
                 f"mount -t tmpfs -o mode=755,size=16m dev {r}/dev",
                 f"for d in null zero full random urandom tty; do touch {r}/dev/$d; mount --bind /dev/$d {r}/dev/$d; done",
                 f"mkdir -p {r}/dev/pts {r}/dev/shm; ln -s /proc/self/fd {r}/dev/fd",
@@ -114,10 +109,22 @@ class Fleet:
                 f"mount -t tmpfs -o mode=755 sys {r}/sys",
                 f"mkdir -p {r}/sys/kernel/mm/ksm",
                 *[f"echo {v} > {r}/sys/kernel/mm/ksm/{k}" for k, v in KSM_FILES.items()],
+                # the host's own PID namespace; its first process mounts the host's /proc
+                f"unshare --pid --fork --kill-child sh -c 'mount -t proc proc {r}/proc && exec sleep 3600' &",
+                f"echo $! > {s}/pidns-holder",
+                f"for i in $(seq 100); do [ -e {r}/proc/1 ] && break; sleep 0.1; done; [ -e {r}/proc/1 ]",
             ]
+            # the chroot connection's chroot: into the host's PID namespace, then its root
+            exe = s / "chroot"
+            exe.write_text("#!/bin/sh\n"
+                           f"h=$(cat {s}/pidns-holder)\n"
+                           "read -r kid _ < /proc/$h/task/$h/children\n"
+                           'exec nsenter --target "$kid" --pid -- /usr/sbin/chroot "$@"\n')
+            exe.chmod(0o755)
         lines.append("echo ready; exec sleep 3600")
         self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "bash", "-c", "\n".join(lines)],
+            ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc",
+             "bash", "-c", "\n".join(lines)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != "ready":
@@ -139,7 +146,8 @@ class Fleet:
 
     def sh(self, host: str, script: str) -> subprocess.CompletedProcess:
         """A shell command inside one host (chroot), as root."""
-        return self.inside("chroot", str(self.root(host)), "/bin/sh", "-c", script, timeout=120)
+        return self.inside(str(self.work / host / "chroot"), str(self.root(host)), "/bin/sh", "-c", script,
+                           timeout=120)
 
     def playbook(self, **extra_vars) -> subprocess.CompletedProcess:
         """The shipped site.yml with the shipped role, on both hosts."""
@@ -148,7 +156,8 @@ class Fleet:
         home.mkdir(exist_ok=True)
         inventory = self.work / "inventory.yml"
         inventory.write_text(json.dumps({"kvm_hosts": {
-            "hosts": {h: {"ansible_host": str(self.root(h))} for h in HOSTS},
+            "hosts": {h: {"ansible_host": str(self.root(h)), "ansible_chroot_exe": str(self.work / h / "chroot")}
+                      for h in HOSTS},
             "vars": {"ansible_connection": "community.general.chroot", "ansible_python_interpreter": "/usr/bin/python3",
                      "ansible_become": False,  # root already; a chroot has no sudo
                      "ksmtuned_install": "deb", "ksmtuned_deb": str(self.deb)},
@@ -203,13 +212,16 @@ def all_settings() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet(tmp_path_factory, request):
     _require()
-    pkg = _package_tier()
-    out, _log, _lintian = pkg.trixie.__wrapped__(tmp_path_factory) if hasattr(pkg.trixie, "__wrapped__") \
-        else _build_deb(pkg, tmp_path_factory)
-    deb = out / "ksmtuned_0.1.0_all.deb"
-    assert deb.exists(), list(out.iterdir())
+    # the package tier's .deb (built from this checkout in the chroot); KSMTUNED_TEST_DEB names
+    # one built before, to develop the role without building it again
+    deb = Path(os.environ.get("KSMTUNED_TEST_DEB") or request.getfixturevalue("trixie")[0] / "ksmtuned_0.1.0_all.deb")
+    assert deb.exists(), deb
+    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    if "./etc/init.d/ksmtuned" not in files:
+        pytest.fail(f"{deb.name} has no /etc/init.d/ksmtuned: on a host without systemd the role has no "
+                    "service to start (debian/ksmtuned.install must ship etc/init.d/ksm and ksmtuned)")
     base = Path(subprocess.run([str(pkg.SCRIPT), "path", *pkg.CHROOT_OPTS], capture_output=True, text=True,
                                check=True, timeout=1800).stdout.strip())
     work = tmp_path_factory.mktemp("ansible")
@@ -229,13 +241,26 @@ def fleet(tmp_path_factory):
         f.stop()
 
 
-def _build_deb(pkg, tmp_path_factory):
-    """The package tier's fixture body (a pytest fixture cannot be called directly)."""
-    return pkg.trixie.__pytest_wrapped__.obj(tmp_path_factory)
+def read(fleet: Fleet, host: str, path: str) -> str | None:
+    """A file of a host (mounted only inside the namespace), or None if it is not there."""
+    r = fleet.sh(host, f"cat {path}")
+    return r.stdout if r.returncode == 0 else None
 
 
 def conf_text(fleet: Fleet, host: str) -> str:
-    return (fleet.root(host) / "etc" / "ksmtuned.conf").read_text()
+    text = read(fleet, host, "/etc/ksmtuned.conf")
+    assert text is not None
+    return text
+
+
+def wait_for_text(fleet: Fleet, host: str, path: str, needle: str, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = read(fleet, host, path) or ""
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, f"{host}:{path}: no {needle!r} within {timeout_s} s:\n{text}"
+        time.sleep(0.2)
 
 
 def daemon_pid(fleet: Fleet, host: str) -> int:
@@ -286,14 +311,11 @@ def test_first_run_installs_configures_and_starts(fleet):
         assert st.returncode == 0, st.stdout + st.stderr
         pid = daemon_pid(fleet, host)
         assert fleet.sh(host, f"cat /proc/{pid}/comm").stdout.strip() == "ksmtuned"
-        # the daemon reads the file the role wrote: the debug log and the metrics textfile appear
-        deadline = time.monotonic() + 30
-        while not (fleet.root(host) / TEXTFILE.lstrip("/")).exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert (fleet.root(host) / TEXTFILE.lstrip("/")).exists()
-        assert "ksmtuned_monitor_interval_seconds 2.0" in (fleet.root(host) / TEXTFILE.lstrip("/")).read_text()
-    assert (fleet.root("old") / "root" / "old-version").read_text() != "1:0.1.0"
-    assert not (fleet.root("old") / "var" / "log" / "ksmtuned").exists()  # the old daemon's log: gone
+        # the daemon reads the file the role wrote: the metrics textfile appears, at its interval
+        wait_for_text(fleet, host, TEXTFILE, "ksmtuned_monitor_interval_seconds 2.0")
+    assert read(fleet, "old", "/root/old-version") != "1:0.1.0"
+    assert read(fleet, "old", "/var/log/ksmtuned") is None  # the old daemon's log: gone
+    assert read(fleet, "fresh", "/var/log/ksmtuned.debug")  # LOGFILE, DEBUG=1: the debug lines
 
 
 def test_second_run_changes_nothing(fleet):
@@ -314,11 +336,7 @@ def test_a_changed_setting_reloads_the_daemon_not_restarts(fleet):
     for host in HOSTS:
         assert "KSM_MONITOR_INTERVAL=3" in conf_text(fleet, host).splitlines()
         assert daemon_pid(fleet, host) == pids[host]  # SIGHUP, not a restart
-        textfile = fleet.root(host) / TEXTFILE.lstrip("/")
-        deadline = time.monotonic() + 30
-        while "ksmtuned_monitor_interval_seconds 3.0" not in textfile.read_text():
-            assert time.monotonic() < deadline, textfile.read_text()
-            time.sleep(0.2)
+        wait_for_text(fleet, host, TEXTFILE, "ksmtuned_monitor_interval_seconds 3.0")
 
 
 @pytest.mark.parametrize("bad, why", [
