@@ -79,17 +79,18 @@ def _require():
 class Fleet:
     """Two chroot hosts mounted in a namespace held by one process; ansible-playbook runs in it."""
 
-    def __init__(self, work: Path, base: Path, deb: Path):
+    def __init__(self, work: Path, base: Path, hostvars: dict[str, dict]):
         self.work = work
         self.base = base
-        self.deb = deb
+        self.hostvars = hostvars
+        self.hosts = tuple(hostvars)
         self.holder: subprocess.Popen | None = None
         self.log = work / "runs.log"
         self.runs = 0
         from tests.report_support import free_port
 
         # the hosts share this machine's network: each daemon's endpoint on its own loopback port
-        self.ports = {h: free_port() for h in HOSTS}
+        self.ports = {h: free_port() for h in self.hosts}
 
     def root(self, host: str) -> Path:
         return self.work / host / "root"
@@ -99,7 +100,7 @@ class Fleet:
         PID namespace per host (a host sees its own processes only, as two machines would), whose
         procfs is that host's /proc."""
         lines = ["set -eu"]
-        for host in HOSTS:
+        for host in self.hosts:
             s = self.work / host
             r = self.root(host)
             lines += [
@@ -155,17 +156,17 @@ class Fleet:
                            timeout=120)
 
     def playbook(self, **extra_vars) -> subprocess.CompletedProcess:
-        """The shipped site.yml with the shipped role, on both hosts."""
+        """The shipped site.yml with the shipped role, on every host."""
         self.runs += 1
         home = self.work / "controller"
         home.mkdir(exist_ok=True)
         inventory = self.work / "inventory.yml"
         inventory.write_text(json.dumps({"kvm_hosts": {
             "hosts": {h: {"ansible_host": str(self.root(h)), "ansible_chroot_exe": str(self.work / h / "chroot"),
-                          "ksmtuned_metrics_listen": f"127.0.0.1:{self.ports[h]}"} for h in HOSTS},
+                          "ksmtuned_metrics_listen": f"127.0.0.1:{self.ports[h]}", **v}
+                      for h, v in self.hostvars.items()},
             "vars": {"ansible_connection": "community.general.chroot", "ansible_python_interpreter": "/usr/bin/python3",
-                     "ansible_become": False,  # root already; a chroot has no sudo
-                     "ksmtuned_install": "deb", "ksmtuned_deb": str(self.deb)},
+                     "ansible_become": False},  # root already; a chroot has no sudo
         }}))
         varsfile = self.work / f"vars-{self.runs}.json"
         varsfile.write_text(json.dumps(extra_vars))
@@ -188,6 +189,12 @@ class Fleet:
                 os.kill(self.ns_pid(), signal.SIGKILL)
             except (OSError, AssertionError, FileNotFoundError):
                 pass
+
+
+def base_chroot() -> Path:
+    """The package tier's cached Debian 13 base (built once by tools/debian-chroot.sh)."""
+    return Path(subprocess.run([str(pkg.SCRIPT), "path", *pkg.CHROOT_OPTS], capture_output=True, text=True,
+                               check=True, timeout=1800).stdout.strip())
 
 
 def recap(out: str) -> dict[str, dict[str, int]]:
@@ -230,8 +237,7 @@ def fleet(tmp_path_factory, request):
         if (REPO / "etc" / "init.d" / "ksmtuned").exists():
             pytest.fail(why + " (debian/ksmtuned.install must ship etc/init.d/ksm and etc/init.d/ksmtuned)")
         pytest.skip(why + " (the SysV scripts, issue 13, are not in this tree yet)")
-    base = Path(subprocess.run([str(pkg.SCRIPT), "path", *pkg.CHROOT_OPTS], capture_output=True, text=True,
-                               check=True, timeout=1800).stdout.strip())
+    base = base_chroot()
     work = tmp_path_factory.mktemp("ansible")
     # the old host: Debian's bash ksmtuned (from the base's apt cache), an admin's edit, its log
     old = pkg.Chroot(work / "old", {})
@@ -242,7 +248,7 @@ def fleet(tmp_path_factory, request):
         echo 'Mon Dec  1 00:00:00 UTC 2026: total 16777216' > /var/log/ksmtuned
     """)
     (work / "fresh").mkdir()
-    f = Fleet(work, base, deb).start()
+    f = Fleet(work, base, {h: {"ksmtuned_install": "deb", "ksmtuned_deb": str(deb)} for h in HOSTS}).start()
     try:
         yield f
     finally:
@@ -363,3 +369,54 @@ def test_check_config_rejects_a_bad_variable_and_the_old_file_stays(fleet, bad, 
     assert all(v["failed"] == 1 for v in rc.values()), rc
     assert why in r.stdout, r.stdout[-6000:]
     assert {h: (conf_text(fleet, h), daemon_pid(fleet, h)) for h in HOSTS} == before
+
+
+# --- the wheel route ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wheel_host(tmp_path_factory):
+    """One more Debian 13 host, for `ksmtuned_install: wheel` with a wheel of this checkout."""
+    _require()
+    if not pkg.SCRIPT.exists():
+        pytest.skip(f"{pkg.SCRIPT} is missing")
+    work = tmp_path_factory.mktemp("ansible-wheel")
+    dist = work / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                        str(REPO)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = dist.glob("ksmtuned-*.whl")
+    # the host reaches no index here (as many fleet hosts): its dependencies as wheels for the
+    # chroot's Python, fetched on this side, installed there with --no-index
+    base = base_chroot()
+    pyver = sorted(base.glob("usr/lib/python3.*/"))[-1].name.removeprefix("python")
+    house = work / "wheelhouse"
+    # pure-Python dependencies published only as sdists (sdnotify) built into wheels here; then
+    # every binary one as the chroot's Python wants it
+    for argv in (["wheel", "-q", "-w", str(house)],
+                 ["download", "-q", "--only-binary=:all:", "--python-version", pyver, "--implementation", "cp",
+                  "--platform", "manylinux2014_x86_64", "--find-links", str(house), "-d", str(house)]):
+        r = subprocess.run([sys.executable, "-m", "pip", *argv, f"{wheel}[metrics]"], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+    (work / "wheel").mkdir()
+    f = Fleet(work, base, {"wheel": {"ksmtuned_install": "wheel", "ksmtuned_wheel": str(wheel),
+                                     "ksmtuned_wheelhouse": str(house), "ksmtuned_manage_services": False}}).start()
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def test_wheel_route_installs_into_a_venv_and_is_idempotent(wheel_host):
+    """The commands from the wheel (pip, from PyPI for its dependencies), linked into /usr/sbin,
+    checking the config they are given; no services (a wheel has no units)."""
+    settings = {"KSM_MONITOR_INTERVAL": 30, "KSM_NPAGES_MAX": 800}
+    r = wheel_host.playbook(ksmtuned_settings=settings)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    v = wheel_host.sh("wheel", "readlink /usr/sbin/ksmtuned; /usr/sbin/ksmtuned --version; "
+                               "/usr/sbin/ksmtuned check-config")
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert v.stdout.splitlines()[0] == "/opt/ksmtuned/bin/ksmtuned"
+    assert re.search(r"^KSM_NPAGES_MAX=800 +# /etc/ksmtuned.conf", v.stdout, re.M), v.stdout
+    again = wheel_host.playbook(ksmtuned_settings=settings)
+    assert again.returncode == 0 and recap(again.stdout)["wheel"]["changed"] == 0, again.stdout[-6000:]
