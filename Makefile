@@ -4,7 +4,7 @@
 #                                                       libvirt hook, logrotate, man, completion
 #   make uninstall [DESTDIR=...] [PREFIX=...]           remove exactly that again (a config file
 #                                                       you changed is kept, as dpkg and rpm do)
-#   make man          regenerate man/ksmtuned.conf.5's key table and check every page renders
+#   make man          regenerate man/man5/ksmtuned.conf.5's key table and check every page renders
 #   make completion   regenerate completion/ from the argument parsers
 #   make deb          the Debian package, with dpkg-buildpackage (in ..)
 #   make rpm          the noarch RPM, with rpmbuild (in build/rpm)
@@ -30,6 +30,8 @@ sysconfdir ?= /etc
 # Debian's home of KSM_MAX_KERNEL_PAGES; Red Hat's is $(sysconfdir)/sysconfig (ksmctl reads both)
 defaultsdir ?= $(sysconfdir)/default
 unitdir ?= $(prefix)/lib/systemd/system
+# RHEL's service(8) runs legacy-actions/ksmtuned/retune for `service ksmtuned retune` under systemd
+legacyactiondir ?= /usr/libexec/initscripts/legacy-actions
 PYTHON ?= /usr/bin/python3
 # On Debian, rpm's database knows none of the BuildRequires (they are Fedora's package names)
 RPMBUILD_OPTS ?= $(if $(wildcard /etc/debian_version),--nodeps)
@@ -41,13 +43,14 @@ DEBIAN_PATH := /usr/bin:/bin:/usr/sbin:/sbin
 
 VERSION := $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' pyproject.toml)
 PYFILES := $(shell find ksmtuned -name '*.py' -not -path '*/__pycache__/*' | LC_ALL=C sort)
-MAN8 := man/ksmtuned.8 man/ksmctl.8
-MAN5 := man/ksmtuned.conf.5
+MAN8 := man/man8/ksmtuned.8 man/man8/ksmctl.8
+MAN5 := man/man5/ksmtuned.conf.5
 COMPLETIONS := $(wildcard completion/*)
 DOCS := README.md LICENSE $(wildcard docs/*.md) contrib/prometheus/ksmtuned.rules.yml
 UNITS := systemd/ksm.service systemd/ksmtuned.service
 # The SysV init scripts, for hosts without systemd (installed when the checkout has them)
 INITSCRIPTS := $(wildcard etc/init.d/*)
+LEGACY := $(wildcard etc/legacy-actions/ksmtuned/retune)
 HOOK := etc/libvirt/hooks/qemu.d/ksmtuned
 CONFIGS := $(sysconfdir)/ksmtuned.conf:etc/ksmtuned.conf $(defaultsdir)/ksm:etc/default/ksm \
 	$(sysconfdir)/logrotate.d/ksmtuned:etc/logrotate.d/ksmtuned $(sysconfdir)/libvirt/hooks/qemu.d/ksmtuned:$(HOOK)
@@ -82,9 +85,15 @@ install:
 		sed 's|/usr/sbin/|$(sbindir)/|g' "$$u" >"$(DESTDIR)$(unitdir)/$${u##*/}"; \
 		chmod 0644 "$(DESTDIR)$(unitdir)/$${u##*/}"; \
 	done
+	@# the init scripts too
 	@set -e; for i in $(INITSCRIPTS); do \
-		$(INSTALL) -D -m 0755 "$$i" "$(DESTDIR)$(sysconfdir)/init.d/$${i##*/}"; \
+		$(INSTALL) -d "$(DESTDIR)$(sysconfdir)/init.d"; \
+		sed 's|/usr/sbin/|$(sbindir)/|g' "$$i" >"$(DESTDIR)$(sysconfdir)/init.d/$${i##*/}"; \
+		chmod 0755 "$(DESTDIR)$(sysconfdir)/init.d/$${i##*/}"; \
 	done
+	$(if $(LEGACY),$(INSTALL) -d "$(DESTDIR)$(legacyactiondir)/ksmtuned")
+	$(if $(LEGACY),sed 's|/usr/sbin/|$(sbindir)/|g' $(LEGACY) >"$(DESTDIR)$(legacyactiondir)/ksmtuned/retune")
+	$(if $(LEGACY),chmod 0755 "$(DESTDIR)$(legacyactiondir)/ksmtuned/retune")
 	@# configuration: never overwrite what is there (it may be the admin's)
 	@set -e; for pair in $(CONFIGS); do \
 		dest="$(DESTDIR)$${pair%%:*}" src="$${pair#*:}"; \
@@ -103,6 +112,8 @@ uninstall:
 	rm -f "$(DESTDIR)$(sbindir)/ksmtuned" "$(DESTDIR)$(sbindir)/ksmctl"
 	rm -f $(foreach u,$(UNITS),"$(DESTDIR)$(unitdir)/$(notdir $(u))")
 	rm -f $(foreach i,$(INITSCRIPTS),"$(DESTDIR)$(sysconfdir)/init.d/$(notdir $(i))")
+	rm -f "$(DESTDIR)$(legacyactiondir)/ksmtuned/retune"
+	-rmdir "$(DESTDIR)$(legacyactiondir)/ksmtuned" 2>/dev/null
 	@# a configuration file is removed only when it is still the shipped one
 	@set -e; for pair in $(CONFIGS); do \
 		dest="$(DESTDIR)$${pair%%:*}" src="$${pair#*:}"; \

@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no message and exit 0 when no daemon runs (for hooks)")
     c = sub.add_parser("check-config", help="print the effective settings and where each came from")
     _common(c, suppress=True)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     g = sub.add_parser("guests", help="list the processes counted as guests")
     _common(g, suppress=True)
     g.add_argument("--json", action="store_true", help="machine-readable output")
@@ -92,13 +93,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
-            return check_config.main(paths)
+            return check_config.main(paths, as_json=args.json)
         if args.command == "guests":
             from .commands import guests
 
@@ -129,8 +133,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def build_ksmctl_parser() -> argparse.ArgumentParser:
     """ksmctl's command line (also the source of its bash completion: tools/gen-completion.py)."""
-    p = argparse.ArgumentParser(prog="ksmctl", description="Start or stop the kernel's KSM (for ksm.service)")
+    p = argparse.ArgumentParser(
+        prog="ksmctl", description="Start or stop the kernel's KSM (what ksm.service runs). "
+        "start: max_kernel_pages (old kernels only), then run=1. stop: run=0, merged pages stay merged; "
+        "stop --unmerge: run=2, every merged page is unmerged (progress on standard error).")
+    p.add_argument("--version", action="version", version=f"ksmctl (ksmtuned) {__version__}")
     p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--unmerge", action="store_true",
+                   help="with stop: unmerge every merged page (run=2); warns first when MemAvailable "
+                        "would not hold them")
     p.add_argument("--sysfs", metavar="DIR", default=DEFAULT_SYSFS)
     p.add_argument("--procfs", metavar="DIR", default=DEFAULT_PROCFS)
     p.add_argument("--defaults", metavar="PATH", default=None,
@@ -141,12 +152,16 @@ def build_ksmctl_parser() -> argparse.ArgumentParser:
 
 def ksmctl_main(argv: Optional[List[str]] = None) -> int:
     """ksmctl start|stop: what ksm.service runs."""
-    args = build_ksmctl_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    p = build_ksmctl_parser()
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.unmerge and args.action != "stop":
+        p.error("--unmerge goes with stop")  # exits 2
     defaults = (args.defaults,) if args.defaults else KSM_DEFAULTS_FILES
     from .commands import ksmctl
 
     try:
-        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults)
+        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
+                           unmerge_pages=args.unmerge)
     except KsmtunedError as e:
         print(f"ksmctl: {e}", file=sys.stderr)
         return e.exit_code

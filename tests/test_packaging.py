@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import REPO
 
 DEBIAN_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"  # Debian's python3 and tools, not pyenv's shims
-MAN_PAGES = ["man/ksmtuned.8", "man/ksmtuned.conf.5", "man/ksmctl.8"]
+MAN_PAGES = ["man/man8/ksmtuned.8", "man/man5/ksmtuned.conf.5", "man/man8/ksmctl.8"]
 
 
 def need(tool: str, package: str) -> str:
@@ -64,7 +64,7 @@ def test_conf_page_key_table_is_the_settings_model():
     assert r.returncode == 0, r.stderr
     from ksmtuned.core.config import reference_rows
 
-    page = (REPO / "man" / "ksmtuned.conf.5").read_text()
+    page = (REPO / "man" / "man5" / "ksmtuned.conf.5").read_text()
     for key, *_ in reference_rows():
         assert f".B {key.replace('-', chr(92) + '-')}\n" in page
 
@@ -78,7 +78,7 @@ def test_gen_man_notices_a_stale_table(tmp_path):
         gen = importlib.import_module("gen-man")
     finally:
         sys.path.remove(str(REPO / "tools"))
-    page = (REPO / "man" / "ksmtuned.conf.5").read_text()
+    page = (REPO / "man" / "man5" / "ksmtuned.conf.5").read_text()
     stale = page.replace(".B KSM_NPAGES_MAX\n", ".B KSM_NPAGES_MAXIMUM\n")
     assert gen.render(stale) == page != stale
 
@@ -145,6 +145,9 @@ def test_make_install_then_uninstall_leaves_nothing(tmp_path):
         assert path in files, path
     for script in (REPO / "etc" / "init.d").glob("*"):
         assert f"etc/init.d/{script.name}" in files
+        assert os.access(dest / "etc/init.d" / script.name, os.X_OK)
+    if (REPO / "etc" / "legacy-actions").exists():
+        assert os.access(dest / "usr/libexec/initscripts/legacy-actions/ksmtuned/retune", os.X_OK)
     assert os.access(dest / "usr/sbin/ksmtuned", os.X_OK)
     assert os.access(dest / "etc/libvirt/hooks/qemu.d/ksmtuned", os.X_OK)
     # the installed command runs from the staged tree (its private library directory)
@@ -182,6 +185,9 @@ def test_make_install_points_the_units_at_its_sbindir(tmp_path):
     unit = (dest / "opt/k/lib/systemd/system/ksmtuned.service").read_text()
     assert "ExecStart=/opt/k/sbin/ksmtuned --foreground" in unit
     assert "/usr/sbin/" not in unit
+    for script in [dest / "etc/init.d" / p.name for p in (REPO / "etc/init.d").glob("*")] + \
+            [dest / "usr/libexec/initscripts/legacy-actions/ksmtuned/retune"] * (REPO / "etc/legacy-actions").exists():
+        assert "/opt/k/sbin/" in script.read_text() and "/usr/sbin/ksm" not in script.read_text(), script
     assert 'sys.path.insert(0, "/opt/k/lib/ksmtuned")' in (dest / "opt/k/sbin/ksmctl").read_text()
 
 
@@ -189,7 +195,7 @@ def test_make_install_points_the_units_at_its_sbindir(tmp_path):
 
 DATA_FILES = ["LICENSE", "Makefile", "systemd/ksm.service", "systemd/ksmtuned.service", "etc/ksmtuned.conf",
               "etc/default/ksm", "etc/logrotate.d/ksmtuned", "etc/libvirt/hooks/qemu.d/ksmtuned",
-              "contrib/prometheus/ksmtuned.rules.yml", "man/ksmtuned.8", "man/ksmtuned.conf.5", "man/ksmctl.8",
+              "contrib/prometheus/ksmtuned.rules.yml", "man/man8/ksmtuned.8", "man/man5/ksmtuned.conf.5", "man/man8/ksmctl.8",
               "completion/ksmtuned", "completion/ksmctl", "debian/control", "debian/rules",
               "packaging/rpm/ksmtuned.spec"]
 
@@ -284,6 +290,10 @@ def test_rpm_scriptlets_are_systemds(rpm):
     assert {"python3-sdnotify", "python3-pydantic >= 2", "python3-psutil"} <= set(requires)
 
 
+def files_of(deb: Path) -> str:
+    return subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+
+
 # --- the Debian package, built on this Debian 12 host --------------------------------------------
 
 @pytest.mark.package
@@ -303,8 +313,10 @@ def test_deb_builds_with_debian_12s_own_tools(tmp_path):
     fields = subprocess.run(["dpkg-deb", "-f", str(deb), "Version", "Architecture", "Depends"],
                             capture_output=True, text=True, check=True).stdout
     assert "Version: 1:0.1.0" in fields and "Architecture: all" in fields
+    for script in (REPO / "etc" / "init.d").glob("*"):
+        assert f"./etc/init.d/{script.name}" in files_of(deb)
     assert "python3-pydantic (>= 2)" in fields and "python3-sdnotify" in fields
-    files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    files = files_of(deb)
     assert "./usr/sbin/ksmtuned" in files and "ksmtuned/cli.py" in files
     ctl = tmp_path / "ctl"
     subprocess.run(["dpkg-deb", "-e", str(deb), str(ctl)], check=True)

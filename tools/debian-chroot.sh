@@ -24,7 +24,8 @@
 #   --cache DIR            where bases live (default: /var/cache/ksmtuned-ci)
 #
 # The cache key is a hash of this script, the suite, the mirror, the architecture and both
-# package lists: change any of them and a new base is built (old ones are left for `rm -rf`).
+# package lists: change any of them and a new base is built. Every use marks its base
+# (.last-used); a build removes the bases nobody used for KEEP_DAYS (default 7) days.
 # Builds are serialised with flock, made in a temp dir and renamed into place, so a killed build
 # never leaves a half base behind. Needs root, debootstrap and overlayfs.
 #
@@ -38,6 +39,7 @@ MIRROR=http://deb.debian.org/debian
 INSTALL=""
 DOWNLOAD=""
 CACHE=/var/cache/ksmtuned-ci
+KEEP_DAYS=${KEEP_DAYS:-7}
 BINDS=()
 
 die() {
@@ -113,15 +115,35 @@ in_root() {
 	' in_root "$root" "${BIND_ARGS[@]}" -- "$@"
 }
 
+# Bases (of any suite and package list) that no `path` or `run` used for KEEP_DAYS days.
+prune_unused() {
+	local old
+	# (the mark is beside the base, not in it: a base is an overlay's lower layer, never written)
+	for old in "$CACHE"/*.last-used; do
+		[ -e "$old" ] || continue
+		if [ -n "$(find "$old" -maxdepth 0 -mtime +"$KEEP_DAYS")" ]; then
+			echo "debian-chroot.sh: removing ${old%.last-used} (unused for $KEEP_DAYS days)" >&2
+			rm -rf --one-file-system "${old%.last-used}" "$old"
+		fi
+	done
+}
+
 build_base() {
 	local final tmp
 	final=$(base_dir)
-	[ -e "$final/.complete" ] && return 0
+	if [ -e "$final/.complete" ]; then
+		touch "$final.last-used"
+		return 0
+	fi
 	command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
 	mkdir -p "$CACHE"
 	exec 9>"$CACHE/.lock"
 	flock 9
-	[ -e "$final/.complete" ] && return 0 # built by someone else while we waited
+	if [ -e "$final/.complete" ]; then # built by someone else while we waited
+		touch "$final.last-used"
+		return 0
+	fi
+	prune_unused
 	tmp=$(mktemp -d "$CACHE/.build.XXXXXX")
 	# A failed build leaves nothing behind but its temp dir, removed here.
 	trap 'rm -rf --one-file-system "$tmp"' EXIT
@@ -151,7 +173,7 @@ build_base() {
 		date -u +built=%Y-%m-%dT%H:%M:%SZ
 	} >"$tmp/root/.debian-chroot"
 	mv "$tmp/root" "$final"
-	touch "$final/.complete"
+	touch "$final/.complete" "$final.last-used"
 	rm -rf "$tmp"
 	trap - EXIT
 	echo "debian-chroot.sh: built $final" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""The key table of man/ksmtuned.conf.5, generated from the settings model.
+"""The key table of man/man5/ksmtuned.conf.5, generated from the settings model.
 
-    python3 tools/gen-man.py            # rewrite the table in man/ksmtuned.conf.5
+    python3 tools/gen-man.py            # rewrite the table in man/man5/ksmtuned.conf.5
     python3 tools/gen-man.py --check    # exit 1 if the committed page differs (tests, CI)
 
 The rows come from ksmtuned.core.config.reference_rows(): (key, unit, default, range, meaning)
@@ -19,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-PAGE = REPO / "man" / "ksmtuned.conf.5"
+PAGE = REPO / "man" / "man5" / "ksmtuned.conf.5"
 BEGIN = re.compile(r"^\.\\\" BEGIN KEY TABLE.*$", re.M)
 END = re.compile(r"^\.\\\" END KEY TABLE.*$", re.M)
 
