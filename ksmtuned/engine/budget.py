@@ -25,7 +25,7 @@ from ..core.ticks import Guest
 from ..errors import KernelInterfaceError
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
-from ..kernel.procfs import OpenFiles
+from ..kernel.procfs import read_record
 from ..kernel.vmstat import read_vmstat
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ class BudgetDriver:
         self.settings = settings
         self.advisor = advisor
         self.vmstat_path = vmstat_path
-        self._vmstat = OpenFiles(vmstat_path.rsplit("/", 1)[0] or "/", limit=1)
         self.clock = clock
         self.state = BudgetState()
         self.last: Optional[BudgetDecision] = None
@@ -104,7 +103,7 @@ class BudgetDriver:
         c = self._counters()
         cow = None
         try:
-            cow = read_vmstat(("cow_ksm",), self.vmstat_path, self._vmstat.read).get("cow_ksm")
+            cow = read_vmstat(("cow_ksm",), self.vmstat_path).get("cow_ksm")
         except OSError:
             pass
 
@@ -154,21 +153,20 @@ class BudgetDriver:
 class Watch:
     """The cheap look between steady ticks (every KSM_BUDGET_WATCH): did a known guest go or
     grow (its statm), or did the host's anonymous memory grow (AnonPages in /proc/meminfo: a
-    new guest's RAM)?  One pread per file on kept-open descriptors.  New processes alone are
+    new guest's RAM)?  One small read per file.  New processes alone are
     no news: a busy host starts dozens a second, and classifying them all each second would
     cost the daemon more than ksmd's whole budget (measured here: 1-4 ms a scan)."""
 
     def __init__(self, procfs: str = "/proc", page_kib: int = 4):
         self.procfs = procfs
         self.page_kib = page_kib
-        self._files = OpenFiles(procfs, limit=64)
         self._anon_kib: Optional[int] = None
         self._rss: dict[int, int] = {}
         self.probes = 0
 
     def _anon(self) -> Optional[int]:
         try:
-            data = self._files.read(f"{self.procfs}/meminfo")
+            data = read_record(f"{self.procfs}/meminfo")
             at = data.index(b"\nAnonPages:")
             return int(data[at + 11:data.index(b"\n", at + 1)].split()[0])
         except (OSError, ValueError, IndexError):
@@ -176,8 +174,6 @@ class Watch:
 
     def arm(self, guests: Iterable[Guest]) -> None:
         """Remember what the last full tick saw."""
-        for pid in set(self._rss) - {g.pid for g in guests}:
-            self._files.close(f"{self.procfs}/{pid}/statm")
         self._rss = {g.pid: g.rss_kib for g in guests}
         self._anon_kib = self._anon()
 
@@ -187,7 +183,7 @@ class Watch:
         self.probes += 1
         for pid, rss in self._rss.items():
             try:
-                resident = int(self._files.read(f"{self.procfs}/{pid}/statm").split()[1]) * self.page_kib
+                resident = int(read_record(f"{self.procfs}/{pid}/statm").split()[1]) * self.page_kib
             except (OSError, ValueError, IndexError):
                 return "guest"  # gone
             if resident - rss >= growth_kib:
@@ -204,9 +200,6 @@ class Watch:
         """The guest finder's answer after "memory": the same guests, none grown."""
         now = {g.pid: g.rss_kib for g in guests}
         return set(now) == set(self._rss) and all(now[p] - self._rss[p] < growth_kib for p in now)
-
-    def close(self) -> None:
-        self._files.close_all()
 
 
 def write_knob(sysfs: KsmSysfs) -> Callable[[str, str], None]:
