@@ -344,7 +344,7 @@ class Daemon:
         moved = self._watch.changed(growth)
         if moved == "memory":  # the host's anonymous memory grew: is it a (new) guest's?
             try:
-                guests = self.guest_finder.scan()
+                guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
             except Exception:
                 guests = None
             if guests is not None and self._watch.same_guests(guests, growth):
@@ -364,7 +364,7 @@ class Daemon:
         self._budget_due = None
         previous = self.budget.last
         try:
-            guests = self.guest_finder.scan()
+            guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
             running = self.last_decision is not None and self.last_decision.run
             bd = self.budget.decide(self.clock(), running, guests)
             self._budget_due = self._next_budget_tick(bd, guests)
