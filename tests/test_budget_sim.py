@@ -293,3 +293,40 @@ def test_burst_batch_aims_at_the_burst_share_of_a_core():
     duty = busy / (busy + budget.sleep_wall_s(d.sleep_ms, DEFAULTS.hz))
     assert duty == pytest.approx(DEFAULTS.burst_pct / 100, rel=0.02)
     assert d.sleep_ms > 0  # never sleep 0: ksmd would spin until someone writes again
+
+
+BUDGET_PURITY_PROBE = """
+import logging, sys, time
+from ksmtuned.core import budget as b
+from ksmtuned.core.budget import GuestMemory, KsmSample
+
+def clock(*args):
+    raise AssertionError("the budget law read the clock")
+
+for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "process_time", "sleep"):
+    setattr(time, name, clock)
+logging.Logger.handle = lambda self, record: sys.exit(f"the budget law logged: {record.getMessage()}")
+io = []
+sys.addaudithook(lambda event, args: io.append(event) if event.split(".")[0] in
+                 ("open", "os", "socket", "subprocess", "shutil", "fcntl", "syslog", "time", "sys") else None)
+s = b.BudgetSettings()
+st = b.BudgetState()
+b.steady_start(s)
+for i in range(40):  # steady, a new guest (burst), passes, growth, a retune, KSM off, churn
+    guests = (GuestMemory(1, 1 << 20),) if i >= 3 else ()
+    if i >= 20:
+        guests += (GuestMemory(2, (1 << 19) + i * (1 << 16)),)
+    d, st = b.step(KsmSample(time_s=float(i), running=i % 17 != 16, full_scans=i // 3, pages_sharing=i * 1000,
+                             pages_volatile=5000, pages_scanned=i * 50000, cow_ksm=i * 300,
+                             ksmd_cpu_ns=i * 10**8, guests=guests, retune=i == 30), st, s)
+    d.explain()
+print(io)
+"""
+
+
+def test_the_budget_law_does_no_io_no_clock_no_logging():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", BUDGET_PURITY_PROBE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
