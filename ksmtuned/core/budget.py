@@ -78,7 +78,7 @@ class BudgetSettings:
     max_holdoff_s: float = 3600.0
     burst_tick_s: float = 1.0  # the daemon looks again this often while bursting
     steady_tick_s: float = 10.0  # ...and this often in steady mode (the closed loop on ksmd's CPU)
-    watch_s: float = 1.0  # between steady ticks, a cheap look for new processes and growth
+    watch_s: float = 0.5  # between steady ticks, a cheap look for new guests and growth
     hz: int = 250  # the kernel's CONFIG_HZ: ksmd's sleep is rounded up to whole jiffies
     page_kib: int = 4
 
