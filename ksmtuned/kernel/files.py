@@ -113,3 +113,26 @@ def _size(n: int) -> str:
     if n >= 1 << 10 and n % (1 << 10) == 0:
         return f"{n >> 10} KiB"
     return f"{n} bytes"
+
+
+def parse_pid(data: bytes) -> Optional[int]:
+    """The pid of a pid file's content: ASCII digits without a leading zero, optionally
+    surrounded by whitespace, at most PID_MAX_LIMIT.
+
+    Not int() of a str: it takes '١٢٣' (Arabic-Indic digits, read as 123) and '+1_2' as numbers,
+    and str.isdigit() takes '²', which int() then refuses with a traceback.
+    """
+    text = data.strip(b" \t\r\n")
+    if not text or len(text) > 10 or not all(0x30 <= c <= 0x39 for c in text) or text[:1] == b"0":
+        return None
+    pid = int(text)
+    return pid if pid <= 2**22 else None  # PID_MAX_LIMIT: 4194304
+
+
+def read_pid_file(path: str | os.PathLike) -> Optional[int]:
+    """The pid a pid file names, or None when it is missing, not a regular file, too large or
+    holds anything but a pid (see parse_pid).  Never blocks, never follows a symlink."""
+    try:
+        return parse_pid(read_regular(path, PIDFILE_LIMIT_BYTES))
+    except OSError:
+        return None
