@@ -132,3 +132,181 @@ def test_root_retune_never_signals_a_process_of_nobody_behind_a_reused_pid(world
         assert "signalled" not in out
     finally:
         stop(impostor)
+
+
+# --- class 2: the config's safety check cannot be raced ---------------------------------------
+
+SECRET = "KSM_NPAGES_MAX=root-only-secret-42\n"  # an invalid value: an error would quote it
+
+
+@root
+def test_a_directory_swap_loop_by_nobody_never_makes_check_config_read_the_target(world_readable_tmp):
+    """nobody owns a directory two levels above the config and swaps the config's directory
+    for a link to a root-only directory, as fast as it can, while root runs check-config."""
+    base = world_readable_tmp
+    attic = base / "attic"  # nobody's directory
+    attic.mkdir()
+    os.chown(attic, 65534, 65534)
+    real = attic / "conf"
+    real.mkdir()  # root's, mode 0755, inside nobody's directory
+    (real / "ksmtuned.conf").write_text("KSM_NPAGES_MAX=1000\n")
+    secret_dir = base / "secret"
+    secret_dir.mkdir(mode=0o700)
+    (secret_dir / "ksmtuned.conf").write_text(SECRET)
+    swapper = nobody_python("""
+        import os, sys, time
+        attic, secret = sys.argv[1], sys.argv[2]
+        conf, aside = os.path.join(attic, "conf"), os.path.join(attic, "conf.real")
+        link = os.path.join(attic, "conf.link")
+        os.symlink(secret, link)
+        print("swapping", flush=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            os.rename(conf, aside)  # the real directory out of the way...
+            os.rename(link, conf)   # ...the link to root's directory in its place...
+            os.rename(conf, link)
+            os.rename(aside, conf)  # ...and back
+        """, str(attic), str(secret_dir))
+    try:
+        assert swapper.stdout.readline() == "swapping\n"
+        codes = []
+        for _ in range(20):
+            r = run(KSMTUNED + ["check-config", "--config", str(real / "ksmtuned.conf")])
+            assert "root-only-secret" not in r.stdout + r.stderr
+            codes.append(r.returncode)
+            assert r.returncode == 78 and len(r.stderr.splitlines()) == 1, r.stderr
+            assert f"{attic}: config directory is owned by uid 65534, not root" in r.stderr, r.stderr
+    finally:
+        stop(swapper)
+
+
+@root
+def test_a_writable_directory_two_levels_up_is_refused_even_for_a_missing_file(world_readable_tmp):
+    top = world_readable_tmp / "top"
+    conf_dir = top / "etc"
+    conf_dir.mkdir(parents=True)
+    os.chmod(top, 0o777)  # not sticky: anyone may rename etc/ away and put their own in its place
+    for present in (True, False):
+        conf = conf_dir / "ksmtuned.conf"
+        if present:
+            conf.write_text("KSM_NPAGES_MAX=1000\n")
+        elif conf.exists():
+            conf.unlink()
+        r = run(KSMTUNED + ["check-config", "--config", str(conf)])
+        assert r.returncode == 78, r.stdout + r.stderr
+        assert r.stderr == (f"ksmtuned: {top}: config directory is writable by group or others (mode 777); "
+                            f"fix with: chmod go-w {top} (or pass --insecure-config)\n")
+        assert run(KSMTUNED + ["check-config", "--insecure-config", "--config", str(conf)]).returncode == 0
+    os.chmod(top, 0o1777)  # sticky (as /tmp): root's entries cannot be replaced by others
+    assert run(KSMTUNED + ["check-config", "--config", str(conf_dir / "ksmtuned.conf")]).returncode == 0
+
+
+@root
+def test_a_config_symlink_of_nobodys_in_a_sticky_directory_is_refused_unread(world_readable_tmp):
+    sticky = world_readable_tmp / "sticky"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    secret = world_readable_tmp / "secret.conf"
+    secret.write_text(SECRET)
+    link = sticky / "ksmtuned.conf"
+    assert run(AS_NOBODY + ["ln", "-s", str(secret), str(link)]).returncode == 0
+    r = run(KSMTUNED + ["check-config", "--config", str(link)])
+    assert r.returncode == 78 and "symbolic link owned by uid 65534" in r.stderr, r.stderr
+    assert "root-only-secret" not in r.stdout + r.stderr
+
+
+# --- class 7: files that are not regular files -----------------------------------------------
+
+def _fifo(path: Path, as_nobody: bool = False) -> Path:
+    if as_nobody:
+        assert run(AS_NOBODY + ["mkfifo", str(path)]).returncode == 0
+    else:
+        os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "too large"])
+def test_check_config_and_the_daemon_refuse_a_config_that_is_no_regular_file(tmp_path, kind):
+    if kind == "fifo":
+        conf = _fifo(tmp_path / "ksmtuned.conf")
+        said = "a FIFO, not a regular file"
+    elif kind == "/dev/zero":
+        conf = Path("/dev/zero")
+        said = "a character device, not a regular file"
+    else:
+        conf = tmp_path / "ksmtuned.conf"
+        with open(conf, "wb") as f:
+            f.truncate(2 << 20)  # 2 MiB of NUL, sparse
+        said = "larger than the limit of 1 MiB"
+    extra = ["--insecure-config"] if kind == "/dev/zero" else []  # /dev is not a config directory
+    r = run(KSMTUNED + ["check-config", "--config", str(conf), *extra], timeout=20)
+    assert r.returncode == 78 and r.stdout == ""
+    assert r.stderr == f"ksmtuned: {conf}: cannot read the config file: {said}\n"
+    sysfs, procfs = make_sysfs(tmp_path / "ksm"), make_procfs(tmp_path / "proc")
+    r = run(KSMTUNED + ["--once", "--dry-run", "--config", str(conf), *extra, "--sysfs", str(sysfs),
+                        "--procfs", str(procfs)], timeout=20)
+    assert r.returncode == 78 and r.stderr.endswith(f"{said}\n") and len(r.stderr.splitlines()) == 1
+
+
+def test_a_fifo_config_on_sighup_is_logged_and_the_daemon_still_stops_on_sigterm(tmp_path):
+    d = Daemon(tmp_path).start()
+    with d:
+        conf_text = d.config.read_text()
+        d.config.unlink()
+        _fifo(d.config)
+        ticks = d.ticks()
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: "reload failed" in d.stderr(), what="the reload's error")
+        assert f"{d.config}: cannot read the config file: a FIFO, not a regular file" in d.stderr()
+        wait_until(lambda: d.ticks() > ticks, what="the tick after the reload")
+        d.retune_and_wait()  # still adjusting, with the settings in force
+        assert d.alive()
+        assert d.stop() == 0  # and SIGTERM still stops it
+        assert "Traceback" not in d.stderr()
+        assert conf_text
+
+
+@root
+def test_a_fifo_planted_as_pid_file_or_state_file_hangs_no_command(world_readable_tmp):
+    sticky = world_readable_tmp / "run"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    pidfile = _fifo(sticky / "ksmtune.pid", as_nobody=True)
+    state = _fifo(sticky / "state.json", as_nobody=True)
+    sysfs = make_sysfs(world_readable_tmp / "ksm")
+    common = ["--pidfile", str(pidfile), "--sysfs", str(sysfs)]
+    r = run(KSMTUNED + ["retune", *common], timeout=20)
+    assert (r.returncode, r.stderr) == (3, f"ksmtuned: ksmtuned is not running (no valid pid file at {pidfile}: "
+                                           "a FIFO, not a regular file)\n")
+    assert run(KSMTUNED + ["retune", "--quiet", *common], timeout=20).returncode == 0
+    r = run(KSMTUNED + ["status", *common, "--state-file", str(state)], timeout=20)
+    assert r.returncode == 0 and "ksmtuned: not running" in r.stdout, r.stderr
+    r = run(KSMTUNED + ["check", *common], timeout=30)
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+    hook = REPO / "etc" / "libvirt" / "hooks" / "qemu.d" / "ksmtuned"
+    r = subprocess.run([str(hook), "g0", "started", "begin", "-"], input="", capture_output=True, text=True,
+                       timeout=20, env={"PATH": "/usr/bin:/bin", "PIDFILE": str(pidfile)})
+    assert r.returncode == 0
+    # the daemon itself refuses to start on it, at once, in one line
+    d = Daemon(world_readable_tmp / "d", pidfile=pidfile)
+    d.start(wait=False)
+    assert d.proc.wait(20) == 1
+    assert d.stderr() == f"ksmtuned: {pidfile}: refusing a pid file that is not a regular file owned by us " \
+                         "with one link\n"
+
+
+def test_fifos_as_hypervisor_pid_files_and_etc_default_ksm_hang_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "libvirt" / "qemu").mkdir(parents=True)
+    (run_dir / "qemu-server").mkdir()
+    _fifo(run_dir / "libvirt" / "qemu" / "g1.pid")
+    _fifo(run_dir / "qemu-server" / "100.pid")
+    r = run(KSMTUNED + ["guests", "--run-dir", str(run_dir)], timeout=30)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    sysfs = make_sysfs(tmp_path / "ksm")
+    (sysfs / "max_kernel_pages").write_text("0\n")
+    defaults = _fifo(tmp_path / "ksm.defaults")
+    r = run([sys.executable, "-c", "import sys; from ksmtuned.cli import ksmctl_main; sys.exit(ksmctl_main())",
+             "start", "--sysfs", str(sysfs), "--defaults", str(defaults)], timeout=20)
+    assert (r.returncode, r.stderr) == (1, f"ksmctl: {defaults}: cannot read: a FIFO, not a regular file\n")
+    assert (sysfs / "run").read_text() == "0\n"

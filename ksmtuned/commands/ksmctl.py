@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..core.config import parse_assignments
 from ..errors import ConfigError, ExitCode, KsmtunedError
+from ..kernel.files import CONFIG_LIMIT_BYTES, read_regular
 from ..kernel.ksm import KsmSysfs
 from ..kernel.meminfo import read_meminfo, total_kib
 
@@ -14,11 +15,15 @@ from ..kernel.meminfo import read_meminfo, total_kib
 def read_default_ksm(path: Path) -> dict[str, str]:
     """KEY=VALUE pairs of /etc/default/ksm, parsed (never sourced) like ksmtuned.conf."""
     try:
-        text = Path(path).read_text()
+        data = read_regular(path, CONFIG_LIMIT_BYTES, follow=True)  # a FIFO or /dev/zero: refused
     except FileNotFoundError:
         return {}
     except OSError as e:
         raise KsmtunedError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8 text") from None
     return {a.key: a.value for a in parse_assignments(text, str(path))}
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..core.ticks import PAGE_KIB, Guest, _thp_warning, committed_kib  # noqa: F401 (committed_kib: re-exported)
+from ..kernel.files import read_pid_file
 from ..kernel.procfs import OpenFiles, read_bytes, read_record
 
 log = logging.getLogger(__name__)
@@ -600,12 +601,7 @@ class GuestFinder:
 
 
 def _read_pid(path: str) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            text = f.read(32).strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return read_pid_file(path)  # never blocks on a FIFO, never follows a link, at most 64 bytes
 
 
 def _read_keyed(path: str, read: Callable[[str], bytes] = read_record) -> dict | None:

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..kernel.files import STATE_LIMIT_BYTES, read_regular
+
 DEFAULT_STATE_PATH = Path("/run/ksmtuned/state.json")
 #: Version of the state file's layout (README "State file").  Bumped on incompatible change.
 STATE_SCHEMA = 1
@@ -94,13 +96,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
     Never follows a symlink.  A file of another schema version is treated as missing.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(path, STATE_LIMIT_BYTES))  # never a FIFO: it would hang `status`
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA:
         return None

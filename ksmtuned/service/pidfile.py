@@ -21,7 +21,8 @@ import stat
 import struct
 
 from ..errors import AlreadyRunningError, KsmtunedError, NotRunningError
-from ..kernel.files import read_pid_file
+from ..core.text import quoted
+from ..kernel.files import PIDFILE_LIMIT_BYTES, open_regular, parse_pid, read_fd, read_pid_file
 from ..kernel.identity import identity
 
 PROCESS_NAME = "ksmtuned"
@@ -185,13 +186,20 @@ def running_daemon(path: str | os.PathLike, procfs: str | os.PathLike = "/proc")
     """
     path = os.fspath(path)
     procfs = os.fspath(procfs)
-    pid = read_pid(path)
-    if pid is None:
-        raise NotRunningError(f"ksmtuned is not running (no valid pid file at {path})")
+    none = f"ksmtuned is not running (no valid pid file at {path}"
     try:
-        st = os.stat(path, follow_symlinks=False)
-    except OSError:
-        raise NotRunningError(f"ksmtuned is not running (no valid pid file at {path})") from None
+        fd, st = open_regular(path)  # a FIFO planted there must not hang `retune` or the hook
+        try:
+            data = read_fd(fd, PIDFILE_LIMIT_BYTES, path)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise NotRunningError(none + ")") from None
+    except OSError as e:
+        raise NotRunningError(f"{none}: {e.strerror})") from None
+    pid = parse_pid(data)
+    if pid is None:
+        raise NotRunningError(f"{none}: expected a process id, got {quoted(data.decode(errors='replace'))})")
     who = identity(pid, procfs)
     if who is None:
         raise NotRunningError(f"ksmtuned is not running (stale pid file {path} names pid {pid}, which is gone)")
