@@ -69,14 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def paths_from(args: argparse.Namespace) -> Paths:
-    """The namespace's paths, the defaults where the command line gave none."""
+    """The namespace's paths, the defaults where the command line gave none.
+
+    Every path is made absolute here, against the directory the command was started in: the
+    forking daemon changes to / before it opens anything, and a relative --procfs would then
+    silently be the real /proc, a relative --pidfile land in /, a SIGHUP read another config.
+    """
     def opt(name: str, default: str) -> str:
         v = getattr(args, name, None)
-        return default if v is None else v
+        return os.path.abspath(default if v is None else v)
 
+    pidfile = getattr(args, "pidfile", None) or None
     return Paths(config=opt("config", DEFAULT_CONFIG), sysfs=opt("sysfs", DEFAULT_SYSFS),
                  procfs=opt("procfs", DEFAULT_PROCFS), run_dir=opt("run_dir", DEFAULT_RUN_DIR),
-                 pidfile=getattr(args, "pidfile", None) or None, state_file=opt("state_file", DEFAULT_STATE_FILE),
+                 pidfile=os.path.abspath(pidfile) if pidfile else None,
+                 state_file=opt("state_file", DEFAULT_STATE_FILE),
                  insecure_config=bool(getattr(args, "insecure_config", False)))
 
 

@@ -310,3 +310,38 @@ def test_fifos_as_hypervisor_pid_files_and_etc_default_ksm_hang_nothing(tmp_path
              "start", "--sysfs", str(sysfs), "--defaults", str(defaults)], timeout=20)
     assert (r.returncode, r.stderr) == (1, f"ksmctl: {defaults}: cannot read: a FIFO, not a regular file\n")
     assert (sysfs / "run").read_text() == "0\n"
+
+
+# --- class 8: relative paths and the forking daemon -------------------------------------------
+
+def test_the_forking_daemon_keeps_relative_paths_where_they_were_given(tmp_path):
+    from tests.faultrig import BOOST, TOTAL_KIB
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    make_sysfs(work / "ksm")
+    make_procfs(work / "proc", BOOST)  # 16 GiB, 1 GiB free: not this machine's /proc
+    log = tmp_path / "debug.log"
+    (work / "ksmtuned.conf").write_text(f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={log}\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(tmp_path / "stderr", "wb") as err:
+        r = subprocess.run(KSMTUNED + ["--config", "ksmtuned.conf", "--pidfile", "ksmtune.pid", "--state-file",
+                                       "state.json", "--sysfs", "ksm", "--procfs", "proc", "--run-dir", "run",
+                                       "--force"],
+                           cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=err, timeout=30)
+    assert r.returncode == 0, read_text(tmp_path / "stderr")
+    pid = int((work / "ksmtune.pid").read_text())
+    try:
+        wait_until(lambda: (work / "state.json").exists(), what="the state file in the start directory")
+        wait_until(lambda: log.exists() and ": committed " in log.read_text(), what="the first tick")
+        assert f": total {TOTAL_KIB}\n" in log.read_text()  # the stand-in procfs, not /proc
+        assert (work / "ksm" / "run").read_text().strip() == "1"  # the stand-in sysfs got the writes
+        assert not Path("/ksmtune.pid").exists() and not Path("/state.json").exists()
+        (work / "ksmtuned.conf").write_text(f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={log}\n"
+                                            "KSM_NPAGES_BOOST=301\n")
+        os.kill(pid, signal.SIGHUP)  # re-reads the same file, not /ksmtuned.conf
+        wait_until(lambda: "KSM_NPAGES_BOOST: 300 -> 301" in read_text(tmp_path / "stderr"), what="the reload")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not (work / "ksmtune.pid").exists(), what="the daemon to stop")
+    assert "Traceback" not in read_text(tmp_path / "stderr")

@@ -17,6 +17,10 @@ from typing import Any, Callable, Mapping
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
 from .policy import Tuning
+from .text import PROBLEM_LIMIT, first_of, quoted
+
+#: The shortest KSM_MONITOR_INTERVAL (the fault tests run at 0.01 s; the old daemon's `sleep` took any).
+MIN_INTERVAL_S = 0.01
 
 DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
 
@@ -64,7 +68,7 @@ def _parse_value(text: str, filename: str, line_no: int) -> str:
             if rest and not rest.startswith("#"):
                 raise _error(
                     filename, line_no,
-                    f"unexpected text after the value: {rest!r} (the shell would run it as a command); "
+                    f"unexpected text after the value: {quoted(rest)} (the shell would run it as a command); "
                     "quote values that contain spaces",
                 )
             break
@@ -220,6 +224,31 @@ def to_optional_text(value: object) -> str | None:
     return to_text(value) if value else None
 
 
+def to_path(value: object) -> str:
+    """An absolute path: the daemon runs from / (forked) or wherever systemd starts it, so a
+    relative one would name a file nobody meant (the command line's are made absolute first)."""
+    path = to_text(value)
+    if not path.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return path
+
+
+#: Where no log or metrics file may go: writing there is tuning the kernel
+#: (/proc/sysrq-trigger, /proc/sys/vm/drop_caches, /sys/kernel/mm/ksm/run are regular files).
+KERNEL_DIRS = ("/proc", "/sys")
+
+
+def to_output_path(value: object) -> str | None:
+    """LOGFILE, KSM_METRICS_TEXTFILE: unset, or an absolute path outside /proc and /sys."""
+    if not value:
+        return None
+    path = to_path(value)
+    normal = os.path.normpath(path)
+    if any(normal == d or normal.startswith(d + "/") for d in KERNEL_DIRS) or normal.startswith("//"):
+        raise ValueError("expected a path outside /proc and /sys (writing there tunes the kernel)")
+    return path
+
+
 def choice(*words: str, also: Mapping[str, str] | None = None) -> Callable[[object], str]:
     """One of `words`, case-insensitive; `also` maps other spellings to one of them."""
     listed = ", ".join(f"'{w}'" for w in words[:-1]) + f" or '{words[-1]}'"
@@ -300,7 +329,8 @@ class Settings:
     """Every setting in force, each field with its historical ksmtuned.conf key (the alias),
     its default and its range.  Construction checks every value; frozen."""
 
-    monitor_interval_s: float = setting("KSM_MONITOR_INTERVAL", 60.0, to_number, gt=0, le=86400)
+    # >= 0.01 s: a shorter interval is a busy loop (1e-300 spun a CPU), not a tuning
+    monitor_interval_s: float = setting("KSM_MONITOR_INTERVAL", 60.0, to_number, ge=MIN_INTERVAL_S, le=86400)
     sleep_msec: int = setting("KSM_SLEEP_MSEC", 10, to_integer, ge=0, le=10_000_000)
     npages_boost: int = setting("KSM_NPAGES_BOOST", 300, to_integer, ge=0, le=2**31 - 1)
     npages_decay: int = setting("KSM_NPAGES_DECAY", -50, to_integer, ge=-(2**31), le=0)
@@ -308,14 +338,14 @@ class Settings:
     npages_max: int = setting("KSM_NPAGES_MAX", 1250, to_integer, ge=0, le=2**32 - 1)
     thres_coef_pct: int = setting("KSM_THRES_COEF", 20, to_integer, ge=0, le=100)
     thres_const_kib: int = setting("KSM_THRES_CONST", 2048, to_integer, ge=0, le=2**50)
-    logfile: str | None = setting("LOGFILE", None, to_optional_text)
+    logfile: str | None = setting("LOGFILE", None, to_output_path)
     debug: bool = setting("DEBUG", False, to_flag)
-    pidfile: str = setting("PIDFILE", DEFAULT_PIDFILE, to_text)
+    pidfile: str = setting("PIDFILE", DEFAULT_PIDFILE, to_path)
     guest_match: tuple[str, ...] = setting("KSM_GUEST_MATCH", MATCHER_NAMES, to_guest_match)
     ps_metric: str = setting("KSM_PS_METRIC", "rss", choice("rss", "pss", "vsz", also={"rsz": "rss"}))  # rsz: Proxmox
     free_metric: str = setting("KSM_FREE_METRIC", "classic", choice("classic", "available"))
     metrics_listen: tuple[str, int] | None = setting("KSM_METRICS_LISTEN", None, to_listen)
-    metrics_textfile: str | None = setting("KSM_METRICS_TEXTFILE", None, to_optional_text)
+    metrics_textfile: str | None = setting("KSM_METRICS_TEXTFILE", None, to_output_path)
 
     def __post_init__(self):
         problems = []
@@ -336,7 +366,7 @@ class Settings:
         the first."""
         unknown = set(values) - set(KEYS)
         if unknown:
-            raise SettingsError([(None, f"unknown keys {', '.join(sorted(unknown))}")])
+            raise SettingsError([(None, f"unknown keys {', '.join(first_of(sorted(unknown)))}")])
         try:
             return cls(**{KEYS[alias]: value for alias, value in values.items()})
         except SettingsError as e:  # __post_init__ found them, in field order: report in the caller's
@@ -389,11 +419,14 @@ def build_settings(
 ) -> LoadedConfig:
     """Combine file assignments (last wins), the environment and the defaults into Settings."""
     warnings = []
+    unknown = 0
     values: dict[str, object] = {}
     sources: dict[str, str] = {alias: "default" for alias in KEYS}
     for a in assignments:
         if a.key not in KEYS:
-            warnings.append(f"{filename}:{a.line_no}: unknown key {a.key} (ignored)")
+            unknown += 1
+            if unknown <= PROBLEM_LIMIT:  # a million of them must not be a million log lines
+                warnings.append(f"{filename}:{a.line_no}: unknown key {quoted(a.key)[1:-1]} (ignored)")
             continue
         where = f"{filename}:{a.line_no}"
         if a.value == "":
@@ -403,6 +436,8 @@ def build_settings(
         else:
             values[a.key] = a.value
             sources[a.key] = where
+    if unknown > PROBLEM_LIMIT:
+        warnings.append(f"{filename}: ... and {unknown - PROBLEM_LIMIT} more unknown keys (ignored)")
     for alias in KEYS:
         if alias not in values and sources[alias] == "default" and env.get(alias):
             values[alias] = env[alias]
@@ -420,15 +455,15 @@ def build_settings(
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
             where = sources.get(alias, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
-            problems.append(f"{where}: {alias}: {message}, got {values.get(alias, Settings.default(alias))!r}")
-        raise ConfigError("\n".join(problems)) from None
+            problems.append(f"{where}: {alias}: {message}, got {quoted(values.get(alias, Settings.default(alias)))}")
+        raise ConfigError("\n".join(first_of(problems))) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 
 
 #: The documentation of each key: (unit, range in words, meaning).  The man page ksmtuned.conf(5)
 #: and the README's table are generated from this and the fields (defaults) by reference_rows().
 REFERENCE: dict[str, tuple[str, str, str]] = {
-    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", "> 0, <= 86400", "time between adjusts"),
+    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", ">= 0.01, <= 86400", "time between adjusts"),
     "KSM_SLEEP_MSEC": ("ms, for a 16 GiB host", "0 - 10,000,000",
                        "ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms"),
     "KSM_NPAGES_BOOST": ("pages", ">= 0", "added to npages when free < threshold"),
@@ -437,14 +472,14 @@ REFERENCE: dict[str, tuple[str, str, str]] = {
     "KSM_NPAGES_MAX": ("pages", ">= KSM_NPAGES_MIN", "upper clamp of pages_to_scan"),
     "KSM_THRES_COEF": ("% of RAM", "0 - 100", "free-memory threshold"),
     "KSM_THRES_CONST": ("kB", ">= 0", "the threshold is at least this"),
-    "LOGFILE": ("path", "", "where the debug lines go (else standard output)"),
+    "LOGFILE": ("absolute path", "not under /proc or /sys", "where the debug lines go (else standard output)"),
     "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
-    "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
+    "PIDFILE": ("absolute path", "", "the pid file (usually from the environment, as in the old daemon)"),
     "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
     "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
     "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
     "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
-    "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
+    "KSM_METRICS_TEXTFILE": ("absolute path", "not under /proc or /sys", "node_exporter textfile, written atomically each tick; off when empty"),
 }
 
 
