@@ -17,6 +17,9 @@ DEFAULT_STATE_FILE = "/run/ksmtuned/state.json"
 #: where ksm.service's KSM_MAX_KERNEL_PAGES is kept
 DEFAULT_KSM_DEFAULTS = "/etc/default/ksm"
 DEFAULT_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+#: Where no log or metrics file may go: writing there is tuning the kernel
+#: (/proc/sysrq-trigger, /proc/sys/vm/drop_caches, /sys/kernel/mm/ksm/run are regular files).
+KERNEL_DIRS = ("/proc", "/sys")
 
 
 class Paths:

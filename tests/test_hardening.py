@@ -345,3 +345,122 @@ def test_the_forking_daemon_keeps_relative_paths_where_they_were_given(tmp_path)
         os.kill(pid, signal.SIGTERM)
         wait_until(lambda: not (work / "ksmtune.pid").exists(), what="the daemon to stop")
     assert "Traceback" not in read_text(tmp_path / "stderr")
+
+
+# --- class 9: odd input crashes nothing ------------------------------------------------------
+
+@pytest.mark.parametrize("content", ["١٢٣\n", "١\n", "²\n", "+12\n", "0x10\n", "1_2\n", "0012\n", "9" * 40 + "\n"])
+def test_a_pid_file_that_holds_no_ascii_pid_is_refused_in_one_line(tmp_path, content):
+    pidfile = tmp_path / "ksmtune.pid"
+    pidfile.write_text(content)
+    r = run(KSMTUNED + ["retune", "--pidfile", str(pidfile)])
+    assert r.returncode == 3 and r.stdout == ""
+    assert r.stderr.startswith(f"ksmtuned: ksmtuned is not running (no valid pid file at {pidfile}: "
+                               "expected a process id, got ") and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run(KSMTUNED + ["status", "--pidfile", str(pidfile), "--sysfs", str(make_sysfs(tmp_path / "ksm"))])
+    assert r.returncode == 0 and "ksmtuned: not running" in r.stdout and "Traceback" not in r.stderr
+
+
+@root
+def test_a_full_file_system_under_the_pid_file_is_one_line_and_exit_1(tmp_path):
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1)")
+    small = tmp_path / "small"
+    small.mkdir()
+    sysfs, procfs = make_sysfs(tmp_path / "ksm"), make_procfs(tmp_path / "proc")
+    (tmp_path / "ksmtuned.conf").write_text("KSM_MONITOR_INTERVAL=3600\n")
+    daemon = " ".join(KSMTUNED + ["--foreground", "--force", "--config", str(tmp_path / "ksmtuned.conf"),
+                                  "--sysfs", str(sysfs), "--procfs", str(procfs),
+                                  "--state-file", str(tmp_path / "state.json"),
+                                  "--pidfile", str(small / "ksmtune.pid")])
+    # a private mount namespace: the 8 KiB tmpfs is seen by this shell and the daemon alone
+    script = (f"mount -t tmpfs -o size=8k tmpfs {small} || exit 99; "
+              f"head -c 1M /dev/zero > {small}/fill 2>/dev/null; exec {daemon}")
+    r = run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script])
+    if r.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == f"ksmtuned: {small}/ksmtune.pid: cannot write the pid file: No space left on device\n"
+
+
+def test_closed_stdout_with_debug_and_no_logfile_degrades_the_debug_log_not_the_adjusts(tmp_path):
+    sysfs, procfs = make_sysfs(tmp_path / "ksm"), make_procfs(tmp_path / "proc")
+    from tests.faultrig import BOOST
+    (procfs / "meminfo").write_text(BOOST)
+    (tmp_path / "ksmtuned.conf").write_text("KSM_MONITOR_INTERVAL=3600\nDEBUG=1\n")
+    state = tmp_path / "state.json"
+    argv = KSMTUNED + ["--foreground", "--force", "--config", str(tmp_path / "ksmtuned.conf"), "--sysfs", str(sysfs),
+                       "--procfs", str(procfs), "--state-file", str(state), "--pidfile", str(tmp_path / "p")]
+    err = open(tmp_path / "stderr", "wb")
+    p = subprocess.Popen(["sh", "-c", 'exec "$@" >&-', "sh", *argv], stderr=err, cwd=REPO)
+    try:
+        wait_until(lambda: state.exists(), what="the first adjust")
+        assert (sysfs / "run").read_text().strip() == "1"  # its writes happened
+        for _ in range(3):
+            mtime = state.stat().st_mtime_ns
+            p.send_signal(signal.SIGUSR1)
+            wait_until(lambda: state.stat().st_mtime_ns != mtime, what="a retune")
+        import json
+        assert json.loads(state.read_text())["error"] is None
+        text = read_text(tmp_path / "stderr")
+        assert text.count("cannot write the debug log to standard output") == 1, text
+        assert "adjust failed" not in text and "Traceback" not in text
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    finally:
+        stop(p)
+        err.close()
+
+
+def test_huge_values_and_a_flood_of_unknown_keys_give_bounded_error_lines(tmp_path):
+    conf = tmp_path / "ksmtuned.conf"
+    conf.write_text("KSM_NPAGES_MAX=" + "9x" * 400_000 + "\n")
+    r = run(KSMTUNED + ["check-config", "--config", str(conf)])
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1 and len(r.stderr) < 300, r.stderr[:500]
+    assert "(800000 characters)" in r.stderr
+    conf.write_text("".join(f"K{i}=1\n" for i in range(100_000)) + "KSM_NPAGES_MAX=1000\n")
+    r = run(KSMTUNED + ["check-config", "--config", str(conf)])
+    assert r.returncode == 0
+    lines = r.stderr.splitlines()
+    assert len(lines) == 21 and lines[-1].endswith("... and 99980 more unknown keys (ignored)"), lines[-3:]
+    many = "".join(f"KSM_NPAGES_MAX={v}\n" for v in ("x",)) + "".join(f"{k}=bad\n" for k in (
+        "KSM_NPAGES_MIN", "KSM_NPAGES_BOOST", "KSM_NPAGES_DECAY", "KSM_THRES_COEF", "KSM_THRES_CONST",
+        "KSM_SLEEP_MSEC", "KSM_MONITOR_INTERVAL"))
+    conf.write_text(many)
+    r = run(KSMTUNED + ["check-config", "--config", str(conf)])
+    assert r.returncode == 78 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("signo", [signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGRTMIN + 3])
+def test_stray_signals_neither_kill_the_daemon_nor_leave_its_pid_file(tmp_path, signo):
+    d = Daemon(tmp_path).start()
+    with d:
+        for _ in range(3):
+            d.signal(signo)
+        d.retune_and_wait()  # it still adjusts...
+        assert d.alive() and d.pidfile.exists()
+        assert d.stop() == 0  # ...and still stops cleanly, pid file removed
+        assert not d.pidfile.exists() and not Path(f"{d.pidfile}.lock").exists()
+
+
+@pytest.mark.parametrize("line, said", [
+    ("KSM_MONITOR_INTERVAL=1e-300", "KSM_MONITOR_INTERVAL: expected a value greater than or equal to 0.01"),
+    ("LOGFILE=/proc/sysrq-trigger", "LOGFILE: expected a path outside /proc and /sys"),
+    ("LOGFILE=/sys/kernel/mm/ksm/run", "LOGFILE: expected a path outside /proc and /sys"),
+    ("LOGFILE=debug.log", "LOGFILE: expected an absolute path"),
+])
+def test_the_daemon_refuses_a_spinning_interval_and_a_log_in_the_kernel_at_start(tmp_path, line, said):
+    d = Daemon(tmp_path, conf=f"DEBUG=1\n{line}\n")
+    d.start(wait=False)
+    assert d.proc.wait(20) == 78
+    assert d.stderr().startswith(f"ksmtuned: {d.config}:2: {said}") and len(d.stderr().splitlines()) == 1
+
+
+def test_a_logfile_behind_a_link_into_proc_is_refused_at_open_and_the_daemon_goes_on(tmp_path):
+    (tmp_path / "logs").symlink_to("/proc")
+    d = Daemon(tmp_path, logfile=tmp_path / "logs" / "sysrq-trigger").start(wait=False)
+    with d:
+        wait_until(lambda: "cannot write debug log" in d.stderr(), what="the refusal")
+        assert "under /proc or /sys" in d.stderr()
+        wait_until(lambda: d.state_file.exists(), what="the first adjust")
+        assert d.alive() and d.stop() == 0

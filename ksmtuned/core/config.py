@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
-from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
+from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE, KERNEL_DIRS
 from .policy import Tuning
 from .text import PROBLEM_LIMIT, first_of, quoted
 
@@ -231,11 +231,6 @@ def to_path(value: object) -> str:
     if not path.startswith("/"):
         raise ValueError("expected an absolute path")
     return path
-
-
-#: Where no log or metrics file may go: writing there is tuning the kernel
-#: (/proc/sysrq-trigger, /proc/sys/vm/drop_caches, /sys/kernel/mm/ksm/run are regular files).
-KERNEL_DIRS = ("/proc", "/sys")
 
 
 def to_output_path(value: object) -> str | None:

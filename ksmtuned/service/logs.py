@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from ..paths import KERNEL_DIRS
+
 log = logging.getLogger(__name__)
 
 #: What `date` prints in the C locale, e.g. "Sun Nov 29 05:09:43 UTC 2026" (day space-padded).
@@ -37,7 +39,7 @@ class DebugLog:
                  clock: Callable[[], float] = time.time):
         self.path = path
         self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stdout
+        self.stream = stream if stream is not None else sys.stdout  # None when started with fd 1 closed
         self.clock = clock
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
@@ -51,8 +53,15 @@ class DebugLog:
             try:
                 self.stream.write(data)
                 self.stream.flush()
-            except (OSError, ValueError):
-                pass  # a closed terminal must not stop the daemon
+            except Exception as e:  # noqa: BLE001 - a closed stdout (None, EBADF, EPIPE) must not stop adjusting
+                if not self._failing:
+                    log.warning("cannot write the debug log to standard output: %s (debug lines are dropped "
+                                "until it works again; set LOGFILE)", getattr(e, "strerror", None) or e)
+                self._failing = True
+                return
+            if self._failing:
+                log.info("debug log to standard output works again")
+                self._failing = False
             return
         try:
             fd = self._file()
@@ -99,6 +108,10 @@ def open_private_append(path: str, mode: int = 0o644) -> int:
 
     O_NOFOLLOW refuses a symlink; a regular file must be owned by us and have one link.
     """
+    real_dir = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if any(real_dir == d or real_dir.startswith(d + "/") for d in KERNEL_DIRS):
+        # a directory linked into /proc or /sys: appending there would write kernel tunables
+        raise OSError(errno.EPERM, f"refusing {path}: it is in {real_dir}, under /proc or /sys")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                  mode)
     st = os.fstat(fd)
