@@ -464,3 +464,89 @@ def test_a_logfile_behind_a_link_into_proc_is_refused_at_open_and_the_daemon_goe
         assert "under /proc or /sys" in d.stderr()
         wait_until(lambda: d.state_file.exists(), what="the first adjust")
         assert d.alive() and d.stop() == 0
+
+
+# --- class 6: the metrics endpoint cannot be exhausted ----------------------------------------
+
+STALLERS = """
+import socket, sys, time
+port, n, hold_s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+socks = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if i % 2:
+        s.sendall(b"GET /metrics HTTP/1.1\\r\\nHost: x\\r\\n")  # slowloris: a header that never ends
+    socks.append(s)
+print("open", len(socks), flush=True)
+cut = set()
+end = time.monotonic() + hold_s
+while time.monotonic() < end and len(cut) < n:
+    for i, s in enumerate(socks):
+        if i in cut:
+            continue
+        try:
+            if i % 4 == 1:
+                s.sendall(b"X")  # one more header byte now and then
+            elif i % 4 == 3:
+                s.sendall(b"X-Pad: " + b"a" * 16000 + b"\\r\\n")  # a big header line every round
+            s.setblocking(False)
+            if s.recv(1 << 16) == b"":
+                cut.add(i)
+        except BlockingIOError:
+            pass
+        except OSError:
+            cut.add(i)
+        finally:
+            s.setblocking(True)
+    time.sleep(0.5)
+print("cut", len(cut), flush=True)
+"""
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        return r.read().decode()
+
+
+@root
+def test_stalled_and_slowloris_clients_of_nobody_neither_grow_the_daemon_nor_block_a_scrape(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from tests.report_support import free_port
+
+    port = free_port()
+    d = Daemon(tmp_path, conf=f"KSM_MONITOR_INTERVAL=0.2\nDEBUG=1\nLOGFILE={tmp_path / 'debug.log'}\n"
+                             f"KSM_METRICS_LISTEN={port}\n").start()
+    with d:
+        _scrape(port)
+        d.wait_ticks(3)
+        before = _rss_kib(d.pid)
+        n = 60
+        attacker = nobody_python(STALLERS, str(port), str(n), "9")
+        try:
+            assert attacker.stdout.readline() == f"open {n}\n", attacker.stderr.read()
+            ticks = d.ticks()
+            assert "ksmtuned_running" in _scrape(port)  # a real scrape gets through the crowd
+            d.retune_and_wait()
+            wait_until(lambda: d.ticks() >= ticks + 5, what="ticks during the attack")
+            during = _rss_kib(d.pid)
+            threads = len(os.listdir(f"/proc/{d.pid}/task"))
+            cut = attacker.stdout.readline()
+            assert attacker.wait(20) == 0
+        finally:
+            stop(attacker)
+        after = _rss_kib(d.pid)
+        print(f"\nmetrics attack: {n} connections by nobody; RSS before {before} KiB, during {during} KiB, "
+              f"after {after} KiB; threads {threads}; {cut.strip()} by the server")
+        assert cut == f"cut {n}\n"  # every stalled connection was dropped (deadline or eviction)
+        assert during - before < 8 * 1024 and threads <= 3
+        assert "ksmtuned_running" in _scrape(port)
+        assert d.stop() == 0

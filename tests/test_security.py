@@ -400,7 +400,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (REPO / "ksmtuned" / "metrics.py").exists(), reason="no metrics server yet (issue 4)")
 def test_metrics_server_binds_loopback_only_for_a_bare_port(tmp_path):
     pytest.importorskip("prometheus_client")
     port = _free_port()
