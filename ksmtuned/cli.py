@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .core.text import printable
 from .errors import ExitCode, KsmtunedError
 from .paths import (DEFAULT_CONFIG, DEFAULT_KSM_DEFAULTS, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
                     DEFAULT_STATE_FILE, DEFAULT_SYSFS, Paths)
@@ -122,7 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run.main(paths, foreground=args.foreground, debug=args.debug, once=args.once,
                         dry_run=args.dry_run, force=args.force)
     except KsmtunedError as e:
-        print(f"ksmtuned: {e}", file=sys.stderr)
+        # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
+        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
@@ -147,5 +149,5 @@ def ksmctl_main(argv: Optional[List[str]] = None) -> int:
     try:
         return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=args.defaults)
     except KsmtunedError as e:
-        print(f"ksmctl: {e}", file=sys.stderr)
+        print(f"ksmctl: {printable(e)}", file=sys.stderr)
         return e.exit_code

@@ -550,3 +550,71 @@ def test_stalled_and_slowloris_clients_of_nobody_neither_grow_the_daemon_nor_blo
         assert during - before < 8 * 1024 and threads <= 3
         assert "ksmtuned_running" in _scrape(port)
         assert d.stop() == 0
+
+
+# --- class 5: nothing a tenant or a file chooses reaches the terminal raw --------------------
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\x1b[1;1Hall guests fine\rX\nFAKE  line\u202eevil\x9b31m"
+RAW = [chr(c) for c in (*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f, *range(0x80, 0xa0))] + ["\u202e", "\r"]
+
+
+def _assert_no_raw_controls(text: str) -> None:
+    bad = sorted({f"U+{ord(c):04X}" for c in text if c in RAW})
+    assert not bad, f"raw control characters reached the terminal: {bad}"
+
+
+@root
+def test_a_guest_name_of_nobodys_with_escape_sequences_is_shown_escaped(world_readable_tmp):
+    bindir = world_readable_tmp / "bin"
+    bindir.mkdir()
+    exe = bindir / "qemu-system-x86_64"
+    exe.symlink_to(os.path.realpath(SYSTEM_PYTHON))
+    code = "import signal, sys; sys.stdout.write('ready\\n'); sys.stdout.flush(); signal.pause()"
+    guest = subprocess.Popen(AS_NOBODY + [str(exe), "-S", "-c", code, "-enable-kvm", "-name", f"guest={EVIL}",
+                                          "-m", "64M", "-smp", "512"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert guest.stdout.readline() == "ready\n"
+        for argv in (["guests"], ["check"]):
+            r = run(KSMTUNED + argv, timeout=60)
+            assert "Traceback" not in r.stderr, r.stderr
+            _assert_no_raw_controls(r.stdout)
+            assert "\\x1b]0;owned\\x07\\x1b[2J" in r.stdout and "\\u202eevil\\x9b31m" in r.stdout, r.stdout
+            assert "\nFAKE  line" not in r.stdout
+        r = run(KSMTUNED + ["guests", "--json"], timeout=60)
+        import json
+        assert any(g["name"] == EVIL for g in json.loads(r.stdout)["guests"])  # JSON keeps the real name
+    finally:
+        stop(guest)
+
+
+def test_state_file_strings_are_shown_escaped_by_status(tmp_path):
+    """The state file is data (its error text quotes files and guests); status escapes it."""
+    import json
+
+    d = Daemon(tmp_path / "d").start()
+    with d:
+        state = json.loads(d.state_file.read_text())
+        state.update(reason=EVIL, error=EVIL, decision=None)
+        state["daemon"]["config_file"] = EVIL
+        odd = tmp_path / "state.json"
+        odd.write_text(json.dumps(state))
+        r = run(KSMTUNED + ["status", "--pidfile", str(d.pidfile), "--sysfs", str(d.sysfs), "--state-file", str(odd)])
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        _assert_no_raw_controls(r.stdout)
+        assert r.stdout.count("\\x1b]0;owned\\x07\\x1b[2J") >= 2, r.stdout  # config_file and reason, escaped
+        assert d.stop() == 0
+
+
+def test_control_characters_in_paths_and_values_are_escaped_by_check_config_and_errors(tmp_path):
+    odd = tmp_path / "a\x1b[31mb\rc"
+    odd.mkdir()
+    conf = odd / "ksmtuned.conf"
+    conf.write_text("LOGFILE='/var/log/x\x1b[2Jy'\nKSM_NPAGES_MAX=1000\n")
+    r = run(KSMTUNED + ["check-config", "--insecure-config", "--config", str(conf)])
+    assert r.returncode == 0, r.stderr
+    _assert_no_raw_controls(r.stdout + r.stderr)
+    assert "LOGFILE=/var/log/x\\x1b[2Jy" in r.stdout and "a\\x1b[31mb\\rc" in r.stdout
+    conf.write_text("KSM_NPAGES_MAX='1\x1b[2J'\n")
+    r = run(KSMTUNED + ["check-config", "--insecure-config", "--config", str(conf)])
+    assert r.returncode == 78 and len(r.stderr.splitlines()) == 1
+    _assert_no_raw_controls(r.stdout + r.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..core.config import KEYS
+from ..core.text import printable
 from ..errors import ExitCode
 from ..paths import Paths
 from ..service.config_file import load
@@ -13,11 +14,11 @@ from ..service.config_file import load
 def main(paths: Paths) -> int:
     loaded = load(paths)
     for w in loaded.warnings:
-        print(f"ksmtuned: warning: {w}", file=sys.stderr)
+        print(f"ksmtuned: warning: {printable(w)}", file=sys.stderr)
     if not loaded.file_found:
-        print(f"# {loaded.path} not found: defaults and environment only")
+        print(f"# {printable(loaded.path)} not found: defaults and environment only")
     else:
-        print(f"# effective settings from {loaded.path}")
+        print(f"# effective settings from {printable(loaded.path)}")
     s = loaded.settings
     for alias, name in KEYS.items():
         value = getattr(s, name)
@@ -33,5 +34,6 @@ def main(paths: Paths) -> int:
             text = str(int(value))
         else:
             text = str(value)
-        print(f"{alias + '=' + text:<44} # {loaded.sources[alias]}")
+        # values and paths are data: a control character in them is shown escaped
+        print(f"{alias + '=' + printable(text):<44} # {printable(loaded.sources[alias])}")
     return ExitCode.OK

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..core.text import printable
 from ..core.ticks import committed_kib
 from ..engine.guests import GuestFinder
 from ..errors import ExitCode
@@ -35,7 +36,8 @@ def render_table(guests, metric: str, matchers) -> str:
     rows = [("PID", "NAME", "MATCHER", "RSS MiB", "PSS MiB", "VSZ MiB", "THP MiB", "KSM saved MiB", "KSM profit MiB")]
     for g in guests:
         rows.append((
-            str(g.pid), g.name if g.name_known else f"({g.name})", ",".join(g.matchers), _mib(g.rss_kib),
+            str(g.pid), printable(g.name if g.name_known else f"({g.name})"), printable(",".join(g.matchers)),
+            _mib(g.rss_kib),
             _mib(g.pss_kib), _mib(g.vsz_kib), _mib(g.thp_kib) + (" !" if g.thp_warning else ""),
             _mib(g.ksm_saved_kib),
             "-" if g.ksm_profit_bytes is None else f"{g.ksm_profit_bytes / 1048576:.1f}",
@@ -49,7 +51,7 @@ def render_table(guests, metric: str, matchers) -> str:
     )
     warned = [g for g in guests if g.thp_warning]
     for g in warned:
-        lines.append(f"! {g.name} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
+        lines.append(f"! {printable(g.name)} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
                      "does not merge")
     if guests and all(g.ksm_merging_pages is None for g in guests):
         lines.append("(no per-process KSM counters: /proc/PID/ksm_stat needs Linux 6.1 or later)")
