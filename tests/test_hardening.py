@@ -399,7 +399,7 @@ def test_closed_stdout_with_debug_and_no_logfile_degrades_the_debug_log_not_the_
         for _ in range(3):
             mtime = state.stat().st_mtime_ns
             p.send_signal(signal.SIGUSR1)
-            wait_until(lambda: state.stat().st_mtime_ns != mtime, what="a retune")
+            wait_until(lambda m=mtime: state.stat().st_mtime_ns != m, what="a retune")
         import json
         assert json.loads(state.read_text())["error"] is None
         text = read_text(tmp_path / "stderr")
@@ -555,7 +555,7 @@ def test_stalled_and_slowloris_clients_of_nobody_neither_grow_the_daemon_nor_blo
 # --- class 5: nothing a tenant or a file chooses reaches the terminal raw --------------------
 
 EVIL = "\x1b]0;owned\x07\x1b[2J\x1b[1;1Hall guests fine\rX\nFAKE  line\u202eevil\x9b31m"
-RAW = [chr(c) for c in (*range(0x00, 0x09), *range(0x0b, 0x20), 0x7f, *range(0x80, 0xa0))] + ["\u202e", "\r"]
+RAW = [chr(c) for c in (*range(0x09), *range(0x0b, 0x20), 0x7f, *range(0x80, 0xa0))] + ["\u202e", "\r"]
 
 
 def _assert_no_raw_controls(text: str) -> None:
@@ -593,6 +593,7 @@ def test_state_file_strings_are_shown_escaped_by_status(tmp_path):
 
     d = Daemon(tmp_path / "d").start()
     with d:
+        wait_until(d.state_file.exists, what="the state file")
         state = json.loads(d.state_file.read_text())
         state.update(reason=EVIL, error=EVIL, decision=None)
         state["daemon"]["config_file"] = EVIL

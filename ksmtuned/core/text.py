@@ -10,7 +10,7 @@ Prometheus exposition escape on their own.  Pure: no I/O.
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from collections.abc import Iterable
 
 #: Unicode's explicit bidirectional formatting characters (UAX #9): they reorder what follows
 #: them on the line ("Trojan Source", CVE-2021-42574), so a name could show another's text.
@@ -64,9 +64,9 @@ def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
     return f"{repr(s[:limit])[:-1]}…{repr(s)[-1]} ({len(s)} characters)"
 
 
-def first_of(items: Iterable[str], limit: int = PROBLEM_LIMIT) -> List[str]:
+def first_of(items: Iterable[str], limit: int = PROBLEM_LIMIT) -> list[str]:
     """The first ``limit`` items, then one "... and N more" line for the rest."""
-    out: List[str] = []
+    out: list[str] = []
     more = 0
     for item in items:
         if len(out) < limit:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 #: The config file and /etc/default/ksm: a real ksmtuned.conf is about 2 KiB.
 CONFIG_LIMIT_BYTES = 1 << 20
@@ -45,8 +45,8 @@ class FileTooLargeError(OSError):
     """The file is larger than the reader's limit."""
 
 
-def open_regular(path: str | os.PathLike, follow: bool = False,
-                 dir_fd: Optional[int] = None) -> Tuple[int, os.stat_result]:
+def open_regular(path: str | os.PathLike[str], follow: bool = False,
+                 dir_fd: int | None = None) -> tuple[int, os.stat_result]:
     """(descriptor, fstat) of a regular file opened read-only, non-blocking, close-on-exec.
 
     Without ``follow`` a symbolic link is refused (NotRegularFileError, errno ELOOP).  Raises
@@ -73,7 +73,7 @@ def open_regular(path: str | os.PathLike, follow: bool = False,
     return fd, st
 
 
-def read_fd(fd: int, limit_bytes: int, path: str | os.PathLike = "") -> bytes:
+def read_fd(fd: int, limit_bytes: int, path: str | os.PathLike[str] = "") -> bytes:
     """At most ``limit_bytes`` from the descriptor's current offset to the end of file;
     FileTooLargeError (errno EFBIG) if there is more."""
     chunks = []
@@ -90,8 +90,8 @@ def read_fd(fd: int, limit_bytes: int, path: str | os.PathLike = "") -> bytes:
     return out
 
 
-def read_regular(path: str | os.PathLike, limit_bytes: int, follow: bool = False,
-                 check: Optional[Callable[[os.stat_result], None]] = None) -> bytes:
+def read_regular(path: str | os.PathLike[str], limit_bytes: int, follow: bool = False,
+                 check: Callable[[os.stat_result], None] | None = None) -> bytes:
     """The content of a regular file, read through one descriptor, at most ``limit_bytes``.
 
     ``check(fstat)`` runs on the open file before anything is read (an owner or mode check that
@@ -115,7 +115,7 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def parse_pid(data: bytes) -> Optional[int]:
+def parse_pid(data: bytes) -> int | None:
     """The pid of a pid file's content: ASCII digits without a leading zero, optionally
     surrounded by whitespace, at most PID_MAX_LIMIT.
 
@@ -129,7 +129,7 @@ def parse_pid(data: bytes) -> Optional[int]:
     return pid if pid <= 2**22 else None  # PID_MAX_LIMIT: 4194304
 
 
-def read_pid_file(path: str | os.PathLike) -> Optional[int]:
+def read_pid_file(path: str | os.PathLike[str]) -> int | None:
     """The pid a pid file names, or None when it is missing, not a regular file, too large or
     holds anything but a pid (see parse_pid).  Never blocks, never follows a symlink."""
     try:

@@ -7,7 +7,7 @@ work (the libvirt hook runs it at every guest start), and importing psutil costs
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -33,7 +33,7 @@ def boot_time_s(procfs: str = "/proc") -> float:
     raise OSError(f"{procfs}/stat: no btime line")
 
 
-def identity(pid: int, procfs: str = "/proc") -> Optional[Identity]:
+def identity(pid: int, procfs: str = "/proc") -> Identity | None:
     """The process's name, real uid and start time; None when it is gone (or unreadable)."""
     try:
         stat = _read(f"{procfs}/{pid}/stat")

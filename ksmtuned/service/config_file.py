@@ -7,8 +7,8 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from ..core.config import LoadedConfig, build_settings, parse_assignments
 from ..errors import ConfigError
@@ -96,41 +96,41 @@ def read_config_file(path: str | os.PathLike, check_owner: bool, expected_uid: i
     check_owner.  --insecure-config turns check_owner off, never the regular-file and size
     checks.
     """
-    path = os.path.abspath(os.fspath(path))
+    where = os.path.abspath(os.fspath(path))
     if check_owner:
-        _check_directories(path, expected_uid)
-        directory, name = os.path.split(path)
+        _check_directories(where, expected_uid)
+        directory, name = os.path.split(where)
         real_dir = os.path.realpath(directory)
         if real_dir != directory:  # a link on the way (/var/run -> /run): its target's directories too
             _check_directories(os.path.join(real_dir, name), expected_uid)
 
     def check(st: os.stat_result) -> None:
         if check_owner:
-            _check_entry(path, st, "file", expected_uid)
+            _check_entry(where, st, "file", expected_uid)
 
     try:
         try:
-            return read_regular(path, CONFIG_LIMIT_BYTES, check=check)
+            return read_regular(where, CONFIG_LIMIT_BYTES, check=check)
         except NotRegularFileError as e:
             if e.errno != errno.ELOOP:
                 raise
             if check_owner:
-                lst = os.lstat(path)
+                lst = os.lstat(where)
                 if lst.st_uid != expected_uid:
                     # planted in a sticky directory, it could point at any root-only file, whose
                     # lines the parse errors would then quote
                     raise ConfigError(
-                        f"{path}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
-                        f"fix with: rm {path}, and put the config file there{_FIX}") from None
-            real = os.path.realpath(path)
+                        f"{where}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
+                        f"fix with: rm {where}, and put the config file there{_FIX}") from None
+            real = os.path.realpath(where)
             if check_owner:
                 _check_directories(real, expected_uid)
-            path = real
+            where = real
             return read_regular(real, CONFIG_LIMIT_BYTES, check=check)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+        raise ConfigError(f"{where}: cannot read the config file: {e.strerror}") from None
 
 
 def check_file_safety(path: Path, expected_uid: int = 0) -> None:

@@ -20,9 +20,15 @@ import os
 import stat
 import struct
 
-from ..errors import AlreadyRunningError, KsmtunedError, NotRunningError
 from ..core.text import quoted
-from ..kernel.files import PIDFILE_LIMIT_BYTES, open_regular, parse_pid, read_fd, read_pid_file
+from ..errors import AlreadyRunningError, KsmtunedError, NotRunningError
+from ..kernel.files import (
+    PIDFILE_LIMIT_BYTES,
+    open_regular,
+    parse_pid,
+    read_fd,
+    read_pid_file,
+)
 from ..kernel.identity import identity
 
 PROCESS_NAME = "ksmtuned"
