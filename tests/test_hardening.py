@@ -89,6 +89,20 @@ def test_nobody_waiting_on_the_lock_cannot_keep_a_killed_daemon_from_restarting(
         d.stop()
 
 
+def test_root_retune_trusts_the_lock_not_the_clock(tmp_path):
+    """A clock stepped forward after the start (a VM booting before NTP) makes the pid file look
+    older than the daemon; root's retune asks the kernel who holds the lock and still finds it."""
+    d = Daemon(tmp_path).start()
+    with d:
+        old = time.time() - 3600
+        os.utime(d.pidfile, (old, old))
+        ticks = d.ticks()
+        r = run(KSMTUNED + ["retune", "--pidfile", str(d.pidfile)])
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: d.ticks() > ticks, what="the retune")
+        assert d.stop() == 0
+
+
 IMPOSTOR = """
 import ctypes, fcntl, os, signal, sys, time
 signal.signal(signal.SIGUSR1, lambda *a: print("signalled", flush=True))

@@ -185,9 +185,9 @@ def lock_holder(pidfile: str | os.PathLike) -> int | None:
 def running_daemon(path: str | os.PathLike, procfs: str | os.PathLike = "/proc") -> int:
     """The pid of the live ksmtuned that owns the pid file, verified, else NotRunningError.
 
-    Never trust the file's number alone.  The process must be named ksmtuned, run as the pid
-    file's owner, and have started before the pid file was written (a reused pid started
-    after); and where the lock file can be read (root), it must be the one holding the lock.
+    Never trust the file's number alone.  The process must be named ksmtuned and run as the pid
+    file's owner; where the lock file can be opened (root) it must be the one holding the lock,
+    elsewhere it must have started before the pid file was written (a reused pid started after).
     Plain os.path, not pathlib: this is `retune`'s whole work.
     """
     path = os.fspath(path)
@@ -215,11 +215,18 @@ def running_daemon(path: str | os.PathLike, procfs: str | os.PathLike = "/proc")
         raise NotRunningError(refuse)
     if who.uid != st.st_uid:
         raise NotRunningError(f"{refuse} (it runs as uid {who.uid}, the pid file is uid {st.st_uid}'s)")
+    holder = lock_holder(path)
+    if holder is not None:
+        # the kernel's answer decides: only root can hold the 0600 lock file's lock, and it dies
+        # with its process, so a reused pid never holds it
+        if holder != pid:
+            raise NotRunningError(refuse + (f" (pid {holder} holds the lock)" if holder else " (no one holds the lock)"))
+        return pid
+    # not root: the lock file is out of reach, so the start time tells a reused pid (one that
+    # started after the pid file was written).  Wall-clock times both: a clock stepped forward
+    # since the daemon started makes this say "not running" (only here, never for root's retune).
     if who.start_s > st.st_mtime + START_SLACK_S:
         raise NotRunningError(f"{refuse} (it started after the pid file was written: a reused pid)")
-    holder = lock_holder(path)
-    if holder is not None and holder != pid:
-        raise NotRunningError(refuse + (f" (pid {holder} holds the lock)" if holder else " (no one holds the lock)"))
     return pid
 
 
