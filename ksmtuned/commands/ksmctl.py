@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..core.config import parse_assignments
 from ..errors import ConfigError, ExitCode, KsmtunedError
-from ..kernel.files import CONFIG_LIMIT_BYTES, read_regular
+from ..files import CONFIG_LIMIT_BYTES, read_regular
 from ..kernel.ksm import KsmSysfs
 from ..kernel.meminfo import read_meminfo, total_kib
 

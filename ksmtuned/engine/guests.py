@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from ..core.ticks import PAGE_KIB, Guest, _thp_warning, committed_kib  # noqa: F401 (committed_kib: re-exported)
-from ..kernel.files import read_pid_file
+from ..files import read_pid_file
 from ..kernel.procfs import OpenFiles, read_bytes, read_record
 
 log = logging.getLogger(__name__)

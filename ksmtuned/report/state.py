@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..kernel.files import STATE_LIMIT_BYTES, read_regular
+from ..files import STATE_LIMIT_BYTES, read_regular
 
 DEFAULT_STATE_PATH = Path("/run/ksmtuned/state.json")
 #: Version of the state file's layout (README "State file").  Bumped on incompatible change.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.config import LoadedConfig, build_settings, parse_assignments
 from ..errors import ConfigError
-from ..kernel.files import CONFIG_LIMIT_BYTES, NotRegularFileError, read_regular
+from ..files import CONFIG_LIMIT_BYTES, NotRegularFileError, read_regular
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE, Paths
 
 log = logging.getLogger("ksmtuned")

@@ -22,7 +22,7 @@ import struct
 
 from ..core.text import quoted
 from ..errors import AlreadyRunningError, KsmtunedError, NotRunningError
-from ..kernel.files import (
+from ..files import (
     PIDFILE_LIMIT_BYTES,
     open_regular,
     parse_pid,

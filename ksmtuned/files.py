@@ -9,6 +9,9 @@ O_NONBLOCK (opening a FIFO does not wait for a writer), O_NOFOLLOW and O_CLOEXEC
 regular file by ``fstat`` of that descriptor, and is read from that descriptor with a size
 limit.  Errors are OSError with a message that names what was wrong, so every caller's existing
 ``cannot read PATH: {e.strerror}`` line stays one line.
+
+The lowest layer, with ``errors`` and ``paths``: every layer reads its files through it (the
+report layer its state file, which it may not reach through ``kernel``).
 """
 
 from __future__ import annotations
