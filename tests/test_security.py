@@ -510,6 +510,7 @@ def test_unit_conflicts_with_mom():
 def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
     """A non-root user may read the pid file and find the daemon, but not signal root's process."""
     tmp_path.chmod(0o755)
+    _nobody_can_reach(tmp_path / "ksmtune.pid")  # pytest's base temp dirs are 0700
     from tests.daemon_support import DaemonProc
 
     with DaemonProc(tmp_path) as d:
