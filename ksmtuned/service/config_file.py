@@ -7,13 +7,16 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
-from ..core.config import LoadedConfig, build_settings, parse_assignments
+from ..core.shellconf import Assignment, parse_assignments
 from ..errors import ConfigError
 from ..files import CONFIG_LIMIT_BYTES, NotRegularFileError, read_regular
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE, Paths
+
+if TYPE_CHECKING:
+    from ..core.config import LoadedConfig
 
 log = logging.getLogger("ksmtuned")
 
@@ -32,14 +35,27 @@ def load_config(
     check_owner (root, without --insecure-config) the file and every directory above it must
     be root's and writable by no one else (see :func:`read_config_file`).
     """
+    # the settings model (pydantic) only here: `retune` reads the assignments alone
+    from ..core.config import LoadedConfig, build_settings
+
     env = os.environ if env is None else env
+    filename = str(path)
+    assignments = read_assignments(path, missing_ok, check_owner=check_owner)
+    if assignments is None:
+        loaded = build_settings([], env, filename, overrides)
+        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
+    return build_settings(assignments, env, filename, overrides)
+
+
+def read_assignments(path: Path, missing_ok: bool = True, check_owner: bool = False) -> list[Assignment] | None:
+    """The file's assignments, or None when it does not exist (and ``missing_ok``); read by
+    :func:`read_config_file` (one open, checked, bounded)."""
     filename = str(path)
     data = read_config_file(path, check_owner=check_owner)
     if data is None:
         if not missing_ok:
             raise ConfigError(f"{filename}: no such file")
-        loaded = build_settings([], env, filename, overrides)
-        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
+        return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -47,7 +63,7 @@ def load_config(
         raise ConfigError(f"{filename}:{line_no}: not valid UTF-8 text") from None
     if not missing_ok and not text.strip(" \t\r\n\ufeff"):
         raise ConfigError(f"{filename}: the file is empty")
-    return build_settings(parse_assignments(text, filename), env, filename, overrides)
+    return parse_assignments(text, filename)
 
 
 _FIX = " (or pass --insecure-config)"
@@ -152,13 +168,23 @@ def load(paths: Paths, reloading: bool = False, env: Mapping[str, str] | None = 
                        check_owner=os.geteuid() == 0 and not paths.insecure_config)
 
 
-def pidfile_in_force(paths: Paths) -> str:
+def pidfile_in_force(paths: Paths, env: Mapping[str, str] | None = None) -> str:
     """--pidfile, else PIDFILE from the config file, else from the environment, else the default:
-    the same file the daemon uses.  A config that cannot be read is warned about, and the
-    command line, environment and default decide (a hook must still reach the daemon)."""
+    the same file the daemon uses (as build_settings resolves it: the last assignment wins, an
+    empty one means the default).  Only the file's assignments are read, not the settings model:
+    `retune` is the libvirt hook's command, and a bad value of another key must not stop a hook
+    from reaching the daemon.  A file that cannot be parsed is warned about, and the environment
+    and the default decide."""
+    if paths.pidfile:
+        return paths.pidfile
+    env = os.environ if env is None else env
+    path = Path(paths.config)
     try:
-        return load(paths).settings.pidfile
+        assignments = read_assignments(path, check_owner=os.geteuid() == 0 and not paths.insecure_config) or []
     except ConfigError as e:
-        log.warning("%s (pid file from the command line, the environment or the default)",
-                    str(e).splitlines()[0])
-        return paths.pidfile or os.environ.get("PIDFILE") or DEFAULT_PIDFILE
+        log.warning("%s (pid file from the environment or the default)", str(e).splitlines()[0])
+        assignments = []
+    values = [a.value for a in assignments if a.key == "PIDFILE"]
+    if values:
+        return values[-1] or DEFAULT_PIDFILE
+    return env.get("PIDFILE") or DEFAULT_PIDFILE
