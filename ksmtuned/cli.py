@@ -13,9 +13,10 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .core.text import printable
 from .errors import ExitCode, KsmtunedError
-from .paths import (DEFAULT_CONFIG, DEFAULT_KSM_DEFAULTS, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
-                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, Paths)
+from .paths import (DEFAULT_CONFIG, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
+                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, KSM_DEFAULTS_FILES, Paths)
 
 
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be written, write nothing (works without root)")
     p.add_argument("--force", action="store_true",
-                   help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
+                   help="start even when another KSM tuner (momd, mom-vdsm, KubeVirt's virt-handler, "
+                        "harvester-node-manager, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--state-file", metavar="PATH", default=None,
                    help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")
@@ -55,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no message and exit 0 when no daemon runs (for hooks)")
     c = sub.add_parser("check-config", help="print the effective settings and where each came from")
     _common(c, suppress=True)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     g = sub.add_parser("guests", help="list the processes counted as guests")
     _common(g, suppress=True)
     g.add_argument("--json", action="store_true", help="machine-readable output")
@@ -69,14 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def paths_from(args: argparse.Namespace) -> Paths:
-    """The namespace's paths, the defaults where the command line gave none."""
+    """The namespace's paths, the defaults where the command line gave none.
+
+    Every path is made absolute here, against the directory the command was started in: the
+    forking daemon changes to / before it opens anything, and a relative --procfs would then
+    silently be the real /proc, a relative --pidfile land in /, a SIGHUP read another config.
+    """
     def opt(name: str, default: str) -> str:
         v = getattr(args, name, None)
-        return default if v is None else v
+        return os.path.abspath(default if v is None else v)
 
+    pidfile = getattr(args, "pidfile", None) or None
     return Paths(config=opt("config", DEFAULT_CONFIG), sysfs=opt("sysfs", DEFAULT_SYSFS),
                  procfs=opt("procfs", DEFAULT_PROCFS), run_dir=opt("run_dir", DEFAULT_RUN_DIR),
-                 pidfile=getattr(args, "pidfile", None) or None, state_file=opt("state_file", DEFAULT_STATE_FILE),
+                 pidfile=os.path.abspath(pidfile) if pidfile else None,
+                 state_file=opt("state_file", DEFAULT_STATE_FILE),
                  insecure_config=bool(getattr(args, "insecure_config", False)))
 
 
@@ -91,13 +101,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
-            return check_config.main(paths)
+            return check_config.main(paths, as_json=args.json)
         if args.command == "guests":
             from .commands import guests
 
@@ -115,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run.main(paths, foreground=args.foreground, debug=args.debug, once=args.once,
                         dry_run=args.dry_run, force=args.force)
     except KsmtunedError as e:
-        print(f"ksmtuned: {e}", file=sys.stderr)
+        # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
+        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
@@ -126,19 +140,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.OK
 
 
-def ksmctl_main(argv: Optional[List[str]] = None) -> int:
-    """ksmctl start|stop: what ksm.service runs."""
-    p = argparse.ArgumentParser(prog="ksmctl", description="Start or stop the kernel's KSM (for ksm.service)")
+def build_ksmctl_parser() -> argparse.ArgumentParser:
+    """ksmctl's command line (also the source of its bash completion: tools/gen-completion.py)."""
+    p = argparse.ArgumentParser(
+        prog="ksmctl", description="Start or stop the kernel's KSM (what ksm.service runs). "
+        "start: max_kernel_pages (old kernels only), then run=1. stop: run=0, merged pages stay merged; "
+        "stop --unmerge: run=2, every merged page is unmerged (progress on standard error).")
+    p.add_argument("--version", action="version", version=f"ksmctl (ksmtuned) {__version__}")
     p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--unmerge", action="store_true",
+                   help="with stop: unmerge every merged page (run=2); warns first when MemAvailable "
+                        "would not hold them")
     p.add_argument("--sysfs", metavar="DIR", default=DEFAULT_SYSFS)
     p.add_argument("--procfs", metavar="DIR", default=DEFAULT_PROCFS)
-    p.add_argument("--defaults", metavar="PATH", default=DEFAULT_KSM_DEFAULTS,
-                   help=f"file with KSM_MAX_KERNEL_PAGES (default {DEFAULT_KSM_DEFAULTS})")
+    p.add_argument("--defaults", metavar="PATH", default=None,
+                   help="file with KSM_MAX_KERNEL_PAGES (default: the first of "
+                        f"{' and '.join(KSM_DEFAULTS_FILES)} that exists)")
+    return p
+
+
+def ksmctl_main(argv: Optional[List[str]] = None) -> int:
+    """ksmctl start|stop: what ksm.service runs."""
+    p = build_ksmctl_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.unmerge and args.action != "stop":
+        p.error("--unmerge goes with stop")  # exits 2
+    defaults = (args.defaults,) if args.defaults else KSM_DEFAULTS_FILES
     from .commands import ksmctl
 
     try:
-        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=args.defaults)
+        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
+                           unmerge_pages=args.unmerge)
     except KsmtunedError as e:
-        print(f"ksmctl: {e}", file=sys.stderr)
+        print(f"ksmctl: {printable(e)}", file=sys.stderr)
         return e.exit_code

@@ -42,14 +42,17 @@ def unique_id() -> int:
 
 @dataclass(frozen=True)
 class Costs:
-    """ksmd's CPU per event, ns."""
+    """ksmd's CPU per event, ns: /work/coord/calibration.md (budgetbench, this machine,
+    kernel 6.18, 2026-12-02; +-50 %, content-dependent), which measured per visit over the two
+    merge passes 1370 (zero), 1670-1880 (identical) and 2280-2460 ns (unique), so with a
+    ~1000 ns first visit, 1700-2700 for a merging second visit and ~3700 for a unique one."""
 
-    wakeup: float = 35_000  # TUNING.md: fit to two classic steady points
-    revisit_merged: float = 180  # a KSM page seen again (TUNING.md fit)
+    wakeup: float = 17_000  # 12-20 us per wake-up (fit intercepts 18-27 us)
+    revisit_merged: float = 180  # 0.16-0.20 us per re-visit of a KSM page
     checksum: float = 1_000  # a first visit, or a page that changed since the last one
-    unique: float = 3_000  # a stable unique page: checksum, stable and unstable tree searches
-    merge: float = 3_000  # a merge (with a KSM page, or with a page of the unstable tree)
-    skip: float = 100  # a page smart scan skips
+    unique: float = 3_700  # a stable unique page: checksum, stable and unstable tree searches
+    merge: float = 2_200  # a merge (with a KSM page, or with a page of the unstable tree)
+    skip: float = 100  # a page smart scan skips (not measured alone: small)
 
 
 def skip_age(age: int) -> int:
@@ -479,6 +482,10 @@ class Budget(Tuner):
         self._write("sleep_millisecs", sleep_ms, 0.0)
         self._write("run", 1, 0.0)
         self.next_tick_s = 0.0
+        self._law_due = 0.0
+        self._watch_due: Optional[float] = None
+        self._armed: dict = {}
+        self.watches = 0
         self._first = True
 
     def _write(self, name: str, value: int, t: float) -> None:
@@ -497,14 +504,30 @@ class Budget(Tuner):
             guests=tuple(self.b.GuestMemory(p.pid, p.rss_kib) for p in self.host.guests),
             retune=self.retune_next, start=self._first)
 
+    def _guests_now(self) -> dict:
+        return {p.pid: p.rss_kib for p in self.host.guests}
+
     def tick(self, t: float) -> None:
+        if self._watch_due is not None and t < self._law_due and not self.retune_next:
+            # the daemon's cheap watch between steady ticks: a new pid, a guest gone or grown
+            now = self._guests_now()
+            moved = set(now) != set(self._armed) or any(
+                now[p] - self._armed[p] >= self.settings.growth_kib for p in now)
+            if not moved:
+                self._watch_due = t + self.settings.watch_s
+                self.next_tick_s = min(self._law_due, self._watch_due)
+                self.watches += 1
+                return
         d, self.state = self.b.step(self.sample(t), self.state, self.settings)
         self.retune_next = self._first = False
         self.decisions.append((t, d))
         if d.pages_to_scan is not None:
             self._write("pages_to_scan", d.pages_to_scan, t)
             self._write("sleep_millisecs", d.sleep_ms, t)
-        self.next_tick_s = t + (d.next_tick_s if d.next_tick_s is not None else self.interval_s)
+        self._law_due = t + (d.next_tick_s if d.next_tick_s is not None else self.interval_s)
+        self._watch_due = t + self.settings.watch_s if d.mode is self.b.Mode.STEADY else None
+        self._armed = self._guests_now()
+        self.next_tick_s = min(self._law_due, self._watch_due or math.inf)
 
     def retune(self, t: float) -> None:
         """SIGUSR1: a tick now, with retune set."""

@@ -77,7 +77,8 @@ class BudgetSettings:
     holdoff_s: float = 15.0  # after a fruitless burst, retunes/growth wait this long (doubling)
     max_holdoff_s: float = 3600.0
     burst_tick_s: float = 1.0  # the daemon looks again this often while bursting
-    watch_s: float = 1.0  # ...and this often in steady mode (new guests, growth)
+    steady_tick_s: float = 10.0  # ...and this often in steady mode (the closed loop on ksmd's CPU)
+    watch_s: float = 0.5  # between steady ticks, a cheap look for new guests and growth
     hz: int = 250  # the kernel's CONFIG_HZ: ksmd's sleep is rounded up to whole jiffies
     page_kib: int = 4
 
@@ -404,7 +405,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         target = target_expected
         pages = int(_clamp(rate * cycle_s, MIN_BATCH_PAGES, MAX_BATCH_PAGES))
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.STEADY else None)
-        next_tick = s.watch_s
+        next_tick = s.steady_tick_s
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
     decision = BudgetDecision(

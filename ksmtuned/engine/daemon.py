@@ -24,11 +24,10 @@ from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
 from ..kernel.vmstat import kernel_hz
-from ..kernel.procfs import OpenFiles
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
-from .budget import BudgetDriver, write_knob
+from .budget import BudgetDriver, Watch, write_knob
 from .guests import GuestFinder
 
 log = logging.getLogger(__name__)
@@ -61,12 +60,11 @@ class Daemon:
         self.procfs = Path(procfs)
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
-        self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
-        self._files = OpenFiles(self.procfs)  # /proc/meminfo, read every tick
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
         self.guest_finder = guest_finder or self._make_guest_finder(config.settings)
+        self.ksmd = Ksmd(self.procfs)
         self.dry_run = dry_run
         self.reload_config = reload_config
         self.observers = list(observers)
@@ -79,18 +77,20 @@ class Daemon:
         self.ready_sent = False
         self._advisor_warned = False
         self._failing_since: float | None = None
-        self._last_error: tuple[str, float] | None = None  # (error text, when it was last logged)
+        self._logged: dict[str, float] = {}  # error key -> when it was last logged, while failing
         self.once = once  # --once: nothing will be retried
         self._hz: int | None = None
         self.budget: BudgetDriver | None = self._make_budget(config.settings)
         self._budget_due: float | None = None  # clock time of the next budget tick
+        self._watch = Watch(str(self.procfs))
+        self._watch_due: float | None = None  # ...and of the next cheap look between steady ticks
 
     # --- construction helpers -------------------------------------------------------
     def _make_debug_log(self, settings: Settings) -> DebugLog:
         return DebugLog(settings.logfile, settings.debug or self.debug_override)
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
-        return GuestFinder.from_settings(settings, procfs=self.procfs, run_dir=self.run_dir)
+        return GuestFinder.from_settings(settings, run_dir=str(self.run_dir))
 
     def _make_budget(self, settings: Settings) -> BudgetDriver | None:
         """The budget policy's driver when KSM_POLICY=budget (docs/budget.md), else None."""
@@ -126,7 +126,8 @@ class Daemon:
     # --- start and reload -----------------------------------------------------------
     def start(self) -> None:
         """Compute the limits from MemTotal once, and print the start lines."""
-        total = meminfo.total_kib(meminfo.read_meminfo(self._meminfo_file, self._files.read), self._meminfo_file)
+        path = str(self.meminfo_path)
+        total = meminfo.total_kib(meminfo.read_meminfo(path), path)
         self.limits = limits_for(total, self.settings.tuning())
         self.debug_log.write(start_lines(self.limits))
         log.info(
@@ -153,7 +154,8 @@ class Daemon:
         self.config = new
         self.debug_log.close()
         self.debug_log = self._make_debug_log(new.settings)
-        if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+        if (new.settings.guest_match, new.settings.ps_metric, new.settings.guest_trust) != (
+                old_settings.guest_match, old_settings.ps_metric, old_settings.guest_trust):
             self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
         if (new.settings.policy, new.settings.budget_advisor) != (old_settings.policy, old_settings.budget_advisor):
@@ -174,9 +176,12 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self._meminfo_file, self._files.read)
-        free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
-        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
+        path = str(self.meminfo_path)
+        fields = meminfo.read_meminfo(path)
+        free = meminfo.free_kib(fields, self.settings.free_metric, path)
+        # only trusted guests (KSM_GUEST_TRUST) are measured and counted; the THP check takes
+        # AnonHugePages from this tick's meminfo
+        guests = self.guest_finder.scan(meminfo_fields=fields, untrusted=False)
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 
@@ -202,9 +207,9 @@ class Daemon:
                     self.budget.start(self._budget_writer())
                 report.budget = self.budget.decide(self.clock(), decision.run, guests, retune=reason == "retune")
                 budget_knobs = self.budget.wanted(report.budget)
-                self._budget_due = self._next_budget_tick(report.budget)
+                self._budget_due = self._next_budget_tick(report.budget, guests)
             try:
-                report.writes = self.apply(decision, known=report.knobs, budget_knobs=budget_knobs)
+                report.writes = self.apply(decision, budget_knobs=budget_knobs)
             finally:
                 self.debug_log.write(self._tick_lines(decision, report.budget))
             self._log_change(decision, report.writes, report.budget)
@@ -214,16 +219,19 @@ class Daemon:
             if self._failing_since is not None:
                 log.info("adjusting works again (after %.0f s of failures)", self.clock() - self._failing_since)
                 self._failing_since = None
-                self._last_error = None
+                self._logged.clear()
         except KsmtunedError as e:
             report.error = str(e)
-            # the same fault on the same file is the same error, whatever value it refused
-            key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
+            # the same failing system call on the same file is the same error, whatever value it
+            # refused; without an errno (meminfo's "missing field", "impossible value") the text is
+            key = (f"{type(e).__name__}:{e.path}:{e.errno}"
+                   if isinstance(e, KernelInterfaceError) and e.path and e.errno is not None else str(e))
             self._log_failure(reason, str(e), key=key)
         except Exception as e:  # the tick boundary: log with a traceback and keep running
             report.error = f"{type(e).__name__}: {e}"
             self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
+        self._observe_ksm(report)
         self._notify(report)
         for observer in self.observers:
             try:
@@ -232,32 +240,44 @@ class Daemon:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
 
+    def _observe_ksm(self, report: TickReport) -> None:
+        """What KSM and ksmd did (counters, ksmd's CPU time), for the observers; never fails the tick."""
+        try:
+            report.ksm = self.sysfs.counters()
+        except KsmtunedError as e:
+            log.debug("KSM counters: %s", e)
+        report.ksmd_cpu_s = self.ksmd.cpu_seconds()
+        report.ksmd_pid = self.ksmd.pid
+
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
+    #: Distinct errors remembered for that (each is rate-limited on its own).
+    ERROR_KEYS = 64
 
     def _log_failure(self, reason: str, text: str, key: str | None = None) -> None:
         """ERROR for a new failure; the same one again only every REPEAT_ERROR_S (a short interval
-        with a lasting fault must not flood the journal)."""
+        with a lasting fault must not flood the journal).  Per distinct error: one meminfo fault
+        must not hide a different one for ten minutes, nor two alternating ones log every tick."""
         now = self.clock()
         key = key or text
         then = "" if self.once else ", will retry"
-        if self._last_error is None or self._last_error[0] != key or now - self._last_error[1] >= self.REPEAT_ERROR_S:
-            repeated = self._failing_since is not None and self._last_error is not None and self._last_error[0] == key
+        last = self._logged.get(key)
+        if last is None or now - last >= self.REPEAT_ERROR_S:
+            repeated = self._failing_since is not None and last is not None
             log.error("adjust failed (%s)%s%s: %s", reason, then, " again, still" if repeated else "", text)
-            self._last_error = (key, now)
+            self._logged[key] = now
+            if len(self._logged) > self.ERROR_KEYS:  # bounded: forget the one logged longest ago
+                del self._logged[min(self._logged, key=self._logged.__getitem__)]
         else:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision, known: dict[str, str] | None = None,
-              budget_knobs: list[tuple[str, str]] | None = None) -> list[Write]:
+    def apply(self, decision: Decision, budget_knobs: list[tuple[str, str]] | None = None) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
 
-        ``known`` receives the value each knob now holds, where apply read or wrote it.
         ``budget_knobs``: KSM_POLICY=budget's pages_to_scan and sleep_millisecs instead of the
         classic ones (none while the kernel's advisor owns the scan rate).
         """
-        known = {} if known is None else known
         if decision.run:
             if budget_knobs is not None:
                 wanted = list(budget_knobs) + [("run", "1")]
@@ -273,8 +293,6 @@ class Daemon:
                     old = self.sysfs.read(name)
                 except KernelInterfaceError:
                     old = None
-                if old is not None:
-                    known[self.sysfs.file(name)] = old
                 if old != value:
                     writes.append(Write(name, old, value))
                     self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
@@ -294,7 +312,6 @@ class Daemon:
                     continue
                 errors.append(e)
                 continue
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         if self._advisor_warned and not self.sysfs.advisor_scanning():
@@ -319,8 +336,32 @@ class Daemon:
             lines[-1:] = [budget.explain(), f"KSMCTL start {budget.pages_to_scan} {budget.sleep_ms}"]
         return lines
 
-    def _next_budget_tick(self, budget: BudgetDecision) -> float | None:
-        return None if budget.next_tick_s is None else self.clock() + budget.next_tick_s
+    def _next_budget_tick(self, budget: BudgetDecision, guests: list[Guest] | None = None) -> float | None:
+        """When the law wants its next tick; in steady mode also arm the cheap watch between."""
+        now = self.clock()
+        self._watch_due = None
+        if budget.mode is Mode.STEADY and self.budget is not None:
+            self._watch.arm(guests or ())
+            self._watch_due = now + self.settings.budget_watch_s
+        return None if budget.next_tick_s is None else now + budget.next_tick_s
+
+    def budget_watch(self) -> None:
+        """The cheap look between steady ticks: a full budget tick only if something moved."""
+        assert self.budget is not None
+        growth = self.budget.settings.growth_kib
+        moved = self._watch.changed(growth)
+        if moved == "memory":  # the host's anonymous memory grew: is it a (new) guest's?
+            try:
+                guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
+            except Exception:
+                guests = None
+            if guests is not None and self._watch.same_guests(guests, growth):
+                self._watch.arm(guests)
+                moved = None
+        if moved:
+            self.budget_tick()
+        else:
+            self._watch_due = self.clock() + self.settings.budget_watch_s
 
     def budget_tick(self) -> TickReport | None:
         """A tick of the budget law alone, between two adjusts (bursts, the watch for new guests):
@@ -331,24 +372,26 @@ class Daemon:
         self._budget_due = None
         previous = self.budget.last
         try:
-            guests = self.guest_finder.scan()
+            guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
             running = self.last_decision is not None and self.last_decision.run
             bd = self.budget.decide(self.clock(), running, guests)
-            self._budget_due = self._next_budget_tick(bd)
+            self._budget_due = self._next_budget_tick(bd, guests)
             report = TickReport(time_s=self.wall_clock(), duration_s=0.0, reason="budget", settings=self.settings,
                                 limits=self.limits, decision=self.last_decision, guests=guests,
                                 committed_kib=committed_kib(guests, self.settings.ps_metric), budget=bd)
             if running:
-                report.writes = self._write_knobs(self.budget.wanted(bd), report.knobs)
+                report.writes = self._write_knobs(self.budget.wanted(bd))
         except KsmtunedError as e:
             key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
             self._log_failure("budget", str(e), key=key)
             self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
             return None
         except Exception as e:  # the tick boundary
             self._log_failure("budget", f"unexpected error:\n{traceback.format_exc().rstrip()}",
                               key=f"{type(e).__name__}: {e}")
             self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
             return None
         changed = previous is None or previous.mode is not bd.mode
         if report.writes or changed:
@@ -358,6 +401,7 @@ class Daemon:
                 self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
         report.duration_s = self.clock() - started
         if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
+            self._observe_ksm(report)
             self._notify(report)
             for observer in self.observers:
                 try:
@@ -366,7 +410,7 @@ class Daemon:
                     log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
 
-    def _write_knobs(self, wanted: list[tuple[str, str]], known: dict[str, str]) -> list[Write]:
+    def _write_knobs(self, wanted: list[tuple[str, str]]) -> list[Write]:
         if self.dry_run:
             writer = self._budget_writer()
             for name, value in wanted:
@@ -375,7 +419,6 @@ class Daemon:
         writes = []
         for name, value in wanted:
             w = self.sysfs.write_if_changed(name, value)
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         return writes
@@ -405,8 +448,11 @@ class Daemon:
                 # bursting (a burst's values are never left alone long), and at KSM_BUDGET_WATCH
                 # for new guests and growth otherwise (docs/budget.md, "How the loop wakes")
                 budget_due = self._budget_due if self.budget is not None else None
+                watch_due = self._watch_due if self.budget is not None else None
                 if budget_due is not None:
                     timeout = min(timeout, budget_due - self.clock())
+                if watch_due is not None:
+                    timeout = min(timeout, watch_due - self.clock())
                 if self.notifier.watchdog_s:
                     self.notifier.watchdog()
                     timeout = min(timeout, self.notifier.watchdog_s / 2)
@@ -423,6 +469,9 @@ class Daemon:
                     reason = "interval"
                 elif budget_due is not None and self.clock() >= budget_due:
                     self.budget_tick()
+                    continue
+                elif watch_due is not None and self.clock() >= watch_due:
+                    self.budget_watch()
                     continue
                 else:
                     continue  # a watchdog wake-up

@@ -20,20 +20,21 @@ DEFAULT_VMSTAT = "/proc/vmstat"
 
 def read_vmstat(names: Iterable[str], path: str = DEFAULT_VMSTAT,
                 read: Callable[[str], bytes] = read_record) -> dict[str, int]:
-    """The named counters of /proc/vmstat ('name value' lines); a missing name is left out.
-    Raises OSError; a malformed value is left out as well (the caller treats it as absent)."""
-    wanted = set(names)
+    """The named counters of /proc/vmstat ('name value' lines); a missing or malformed one is
+    left out (the caller treats it as absent).  Raises OSError.  Looks each name up in the
+    text instead of splitting ~180 lines: read every budget tick."""
+    data = b"\n" + read(path)
     out: dict[str, int] = {}
-    for line in read(path).split(b"\n"):
-        name, _, value = line.partition(b" ")
-        key = name.decode(errors="replace")
-        if key in wanted:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                continue
-            if len(out) == len(wanted):
-                break
+    for name in names:
+        key = b"\n" + name.encode() + b" "
+        at = data.find(key)
+        if at < 0:
+            continue
+        end = data.find(b"\n", at + len(key))
+        try:
+            out[name] = int(data[at + len(key):end if end >= 0 else None])
+        except ValueError:
+            continue
     return out
 
 

@@ -1,34 +1,31 @@
 """After every adjust: the state file, and the Prometheus metrics when configured.
 
 ``make_observers(settings, ...)`` returns the daemon's observers (``daemon.TickReport`` ->
-None).  One :class:`Reporter` collects what the tick itself did not (the KSM counters,
-ksmd's CPU time, each guest's KSM savings) once, into an immutable :class:`TickData`;
-the state file and the metrics are both rendered from it, so an HTTP scrape does nothing but
+None).  No kernel access here: the engine's tick collected everything (the KSM counters,
+ksmd's CPU time, each guest's KSM savings) into the TickReport; one :class:`Reporter` turns it
+into an immutable :class:`TickData` with the daemon's running counts, and the state file and the
+metrics are both rendered from that, so an HTTP scrape does nothing but
 format the last tick's numbers.  prometheus_client is imported only when
 ``KSM_METRICS_LISTEN`` or ``KSM_METRICS_TEXTFILE`` is set.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict, Optional
 
 from .. import __version__
-from ..core.ticks import DECISION_KINDS, PAGE_SIZE, Guest, GuestData, TickData
-from ..kernel.ksm import DEFAULT_SYSFS, KsmSysfs
-from ..kernel.ksmd import Ksmd
-from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
+from ..core.documents import Counts, HistoryEntry, Inputs, KnobWrite, StateDaemon, StateDecision, StateDocument
+from ..core.documents import StateBudget, StateGuest, StateKsmd
+from ..core.ticks import DECISION_KINDS, Guest, GuestData, TickData
+from ..paths import DEFAULT_SYSFS
+from .state import DEFAULT_STATE_PATH, HISTORY_LEN, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
-
-#: json.dumps(x, separators=(",", ":")) without building a new encoder for every call
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
@@ -39,27 +36,22 @@ def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
                      ksm_merging_pages=guest.ksm_merging_pages, ksm_profit_bytes=guest.ksm_profit_bytes)
 
 
-def budget_dict(decision) -> dict[str, Any] | None:
-    """KSM_POLICY=budget's decision as the state file shows it (docs/budget.md); None: classic."""
+def budget_dict(decision) -> Optional[Dict[str, Any]]:
+    """KSM_POLICY=budget's decision as the state file shows it (StateBudget); None: classic."""
     if decision is None:
         return None
     return {
-        "mode": decision.mode.value, "reason": decision.reason, "explain": decision.explain(), "pages_to_scan": decision.pages_to_scan,
-        "sleep_ms": decision.sleep_ms, "ksmd_cpu_pct": _round(decision.cpu_pct, 4),
-        "target_cpu_pct": _round(decision.target_pct, 4), "unmerged_kib": decision.to_merge_kib,
-        "eta_s": _round(decision.eta_s, 1), "churn_factor": _round(decision.churn_factor, 3),
-        "burst_bucket_cpu_s": _round(decision.bucket_cpu_s, 3),
-        "cost_ns_per_page": _round(decision.cost_ns_per_page, 1),
+        "mode": decision.mode.value, "reason": decision.reason, "explain": decision.explain(),
+        "pages_to_scan": decision.pages_to_scan, "sleep_ms": decision.sleep_ms,
+        "ksmd_cpu_pct": _round(decision.cpu_pct, 4), "target_cpu_pct": round(decision.target_pct, 4),
+        "unmerged_kib": decision.to_merge_kib, "eta_s": _round(decision.eta_s, 1),
+        "churn_factor": round(decision.churn_factor, 3), "burst_bucket_cpu_s": round(decision.bucket_cpu_s, 3),
+        "cost_ns_per_page": round(decision.cost_ns_per_page, 1),
     }
 
 
-def _round(x, digits: int):
+def _round(x: Optional[float], digits: int) -> Optional[float]:
     return None if x is None else round(x, digits)
-
-
-def _settings_dict(settings) -> dict[str, Any]:
-    by_alias = getattr(settings, "by_alias", None)
-    return by_alias() if by_alias is not None else {}
 
 
 # --- the observer --------------------------------------------------------------------------
@@ -71,28 +63,22 @@ class Reporter:
                  procfs: Path = Path("/proc"), config_path: str | None = None,
                  clock: Callable[[], float] = time.time):
         self.state_path = Path(state_path) if state_path is not None else None
-        self.sysfs = KsmSysfs(Path(sysfs))
         self.procfs = Path(procfs)
-        self._sysfs_dir, self._procfs_dir = str(self.sysfs.root), str(self.procfs)
+        self._sysfs_dir, self._procfs_dir = str(sysfs), str(self.procfs)
         self._state_file = os.fspath(self.state_path) if self.state_path is not None else None
         self.config_path = str(config_path) if config_path is not None else None
         self.started_s = clock()
-        self.ksmd = Ksmd(self.procfs)
         self.decisions = dict.fromkeys(DECISION_KINDS, 0)
         self.adjusts = 0
         self.adjust_seconds_sum = 0.0
         self.last_success_s: float | None = None
         self.last: TickData | None = None
-        # history entries kept pre-serialized: a tick serializes only its own entry
-        self.history: deque[str] = deque(maxlen=HISTORY_LEN)
-        self._settings_obj = None
-        self._settings_json = "{}"
+        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LEN)
         self._failing: dict[str, str] = {}
         self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
         self._metrics_settings = None
         if self.state_path is not None:
-            for entry in read_history(self.state_path):
-                self.history.append(_compact_json(entry))
+            self.history.extend(read_history(self.state_path))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -112,10 +98,10 @@ class Reporter:
             self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
-        ksm = self.sysfs.counters(known=report.knobs)  # the knobs as apply() left them
+        ksm = report.ksm
         limits = report.limits
         guests = tuple(_guest_data(g, settings.ps_metric) for g in report.guests)
-        ksmd_cpu_s = self.ksmd.cpu_seconds()
+        ksmd_cpu_s = report.ksmd_cpu_s
         return TickData(
             time_s=report.time_s, duration_s=report.duration_s, reason=report.reason, error=report.error,
             decision=kind, explain=decision.explain() if decision is not None else f"adjust failed: {report.error}",
@@ -126,7 +112,7 @@ class Reporter:
             committed_kib=report.committed_kib, thres_kib=limits.thres_kib if limits else None,
             free_metric=settings.free_metric, ps_metric=settings.ps_metric,
             interval_s=float(settings.monitor_interval_s), guest_match=tuple(settings.guest_match),
-            ksm=ksm, ksmd_pid=self.ksmd.pid, ksmd_cpu_s=ksmd_cpu_s, guests=guests,
+            ksm=ksm, ksmd_pid=report.ksmd_pid, ksmd_cpu_s=ksmd_cpu_s, guests=guests,
             decisions=dict(self.decisions), adjusts=self.adjusts, adjust_seconds_sum=self.adjust_seconds_sum,
             last_success_s=self.last_success_s,
             writes=tuple({"name": w.name, "old": w.old, "new": w.new} for w in (report.writes or ())),
@@ -136,7 +122,7 @@ class Reporter:
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(_compact_json(data.history_entry()))
+        self.history.append(HistoryEntry(**data.history_entry()))
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
@@ -146,36 +132,32 @@ class Reporter:
 
     # -- the state file --
     def state_document(self, settings, data: TickData) -> str:
-        """The state file's JSON text (README "State file" documents every key)."""
-        if settings is not self._settings_obj:  # settings change only on reload
-            self._settings_obj = settings
-            self._settings_json = json.dumps(_settings_dict(settings))
-        head = {
-            "schema": STATE_SCHEMA,
-            "daemon": {"pid": os.getpid(), "version": __version__, "started": round(self.started_s, 3),
-                       "config_file": self.config_path, "sysfs": self._sysfs_dir, "procfs": self._procfs_dir},
-            "time": round(data.time_s, 3),
-            "reason": data.reason,
-            "duration_s": round(data.duration_s, 6),
-            "error": data.error,
-            "inputs": {"total_kib": data.total_kib, "free_kib": data.free_kib, "committed_kib": data.committed_kib,
-                       "thres_kib": data.thres_kib, "free_metric": data.free_metric, "ps_metric": data.ps_metric,
-                       "guests": len(data.guests)},
-            "decision": None if data.decision == "error" else {
-                "branch": data.decision, "run": data.run, "npages": data.npages, "sleep_ms": data.sleep_ms,
-                "explain": data.explain, "writes": list(data.writes)},
-            "npages": data.npages,
-            "last_success": data.last_success_s,
-            "counts": {"adjusts": data.adjusts, "decisions": data.decisions},
-            "ksm": data.ksm,
-            "page_size": data.page_size,
-            "ksmd": {"pid": data.ksmd_pid, "cpu_seconds": data.ksmd_cpu_s},
-            "guests": [g.__dict__ for g in data.guests],
-            "budget": data.budget,
-        }
-        text = json.dumps(head, indent=None)
-        return (text[:-1] + ', "settings": ' + self._settings_json
-                + ', "history": [' + ",".join(self.history) + "]}\n")
+        """The state file's JSON text: a StateDocument (docs/documents.md documents every key)."""
+        doc = StateDocument(
+            daemon=StateDaemon(pid=os.getpid(), version=__version__, started=round(self.started_s, 3),
+                               config_file=self.config_path, sysfs=self._sysfs_dir, procfs=self._procfs_dir),
+            time=round(data.time_s, 3),
+            reason=data.reason,
+            duration_s=round(data.duration_s, 6),
+            error=data.error,
+            inputs=Inputs(total_kib=data.total_kib, free_kib=data.free_kib, committed_kib=data.committed_kib,
+                          thres_kib=data.thres_kib, free_metric=data.free_metric, ps_metric=data.ps_metric,
+                          guests=len(data.guests)),
+            decision=None if data.decision == "error" else StateDecision(
+                branch=data.decision, run=data.run, npages=data.npages, sleep_ms=data.sleep_ms,
+                explain=data.explain, writes=[KnobWrite(**w) for w in data.writes]),
+            npages=data.npages,
+            last_success=data.last_success_s,
+            counts=Counts(adjusts=data.adjusts, decisions=data.decisions),
+            ksm=data.ksm,
+            page_size=data.page_size,
+            ksmd=StateKsmd(pid=data.ksmd_pid, cpu_seconds=data.ksmd_cpu_s),
+            guests=[StateGuest(**g.__dict__) for g in data.guests],
+            settings=settings,
+            history=list(self.history),
+            budget=StateBudget(**data.budget) if data.budget else None,
+        )
+        return doc.model_dump_json(by_alias=True) + "\n"
 
     def _write_state(self, settings, data: TickData) -> None:
         assert self.state_path is not None
