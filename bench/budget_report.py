@@ -269,6 +269,12 @@ def doc_section(res: dict, md_rel: str, png_rel: str | None, command: str) -> st
             L.append(f"| {SCENARIO_LABELS[sc]} | {LABELS[t]} | {t90s} | {_f(st.get('ksmd_cpu_pct'), 3, ' %')} "
                      f"| {r['final_pages_sharing']:,} | {_f(st.get('saved_per_cpu_s'), 0)} |")
     L.append("")
+    fg = {sc: tr["budget"].get("foreign_guests_max") for sc, tr in rows(res).items()
+          if tr.get("budget", {}).get("foreign_guests_max")}
+    if fg:
+        L += ["The machine was shared: during the budget runs other people's guest-like processes (test "
+              "stand-ins named qemu-system-x86_64, each a burst trigger for the policy) came and went, at most "
+              + ", ".join(f"{n} in {sc}" for sc, n in fg.items()) + " at a time (sampled every 5 s).", ""]
     if png_rel:
         L += [f"![pages saved and ksmd CPU against time, per scenario]({png_rel})", ""]
     return "\n".join(L)
