@@ -15,8 +15,27 @@ import sys
 from pathlib import Path
 
 
+#: samples kept per run (the plots and the 10-s slices need no more; staggered keeps all)
+MAX_SAMPLES = 300
+
+
+def _thin(run: dict, keep_all: bool) -> None:
+    s = run.get("samples") or []
+    if keep_all or len(s) <= MAX_SAMPLES:
+        return
+    step = -(-len(s) // MAX_SAMPLES)
+    run["samples"] = [x for i, x in enumerate(s) if i % step == 0 or x.get("steady_start") or i == len(s) - 1]
+
+
 def combine(inputs: list[dict]) -> dict:
-    out = json.loads(json.dumps(inputs[0]))
+    inputs = json.loads(json.dumps(inputs))
+    for res in inputs:  # which invocation measured a run: its flat-out reference is that one's
+        for sc, body in res.get("scenarios", {}).items():
+            for runs in body.get("runs", {}).values():
+                for r in runs:
+                    r.setdefault("command", res.get("command"))
+                    _thin(r, sc == "staggered")
+    out = inputs[0]
     cmds = []
     for res in inputs:
         cmds += res.get("commands", [res.get("command")])
