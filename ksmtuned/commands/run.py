@@ -68,6 +68,8 @@ class _Runner:
         if report.decision is None or report.error:
             return ExitCode.SOFTWARE
         print(report.decision.explain())
+        if report.budget is not None:  # KSM_POLICY=budget (it left steady values behind)
+            print(report.budget.explain())
         return ExitCode.OK
 
     def serve(self, ready_fd: Optional[int]) -> int:
