@@ -56,6 +56,20 @@ CHURN_FLOOR = 0.2
 MIN_GAIN_PAGES = 256
 
 
+#: The kinds of trigger, as the metrics label them (the reason text has the details).
+TRIGGER_KINDS = ("new-guest", "growth", "retune", "unvisited")
+
+
+def _kind(trigger: str) -> str:
+    if trigger.startswith("new guest"):
+        return "new-guest"
+    if trigger.startswith("guest "):
+        return "growth"
+    if trigger == "retune":
+        return "retune"
+    return "unvisited"
+
+
 class Mode(enum.Enum):
     OFF = "off"  # the classic law stopped KSM: nothing to tune
     BURST = "burst"
@@ -136,6 +150,7 @@ class BudgetState:
 
     mode: Mode = Mode.STEADY
     trigger: Optional[str] = None  # why the burst under way started
+    trigger_kind: str = ""  # its first trigger's kind (TRIGGER_KINDS), for the metrics
     trigger_full_scans: int = 0
     trigger_time_s: float = 0.0
     last: Optional[KsmSample] = None
@@ -167,6 +182,7 @@ class BudgetState:
 class BudgetDecision:
     mode: Mode
     reason: str  # the trigger, or why it is steady
+    trigger: str  # bursting: the first trigger's kind (TRIGGER_KINDS); "" otherwise
     pages_to_scan: Optional[int]  # None: leave as it is (KSM off)
     sleep_ms: Optional[int]
     next_tick_s: Optional[float]  # when the law wants to look again; None: the interval
@@ -333,6 +349,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     trig_scans, trig_time, bursts = state.trigger_full_scans, state.trigger_time_s, state.bursts
     trig_saved, fruitless, holdoff_until = state.trigger_saved, state.fruitless, state.holdoff_until_s
     steady_reason = state.steady_reason
+    kind = state.trigger_kind
     if reset and mode is Mode.BURST:
         trig_scans = sample.full_scans
     if not sample.running:
@@ -344,6 +361,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
                 bursts += 1
                 trig_saved = sample.saved_pages
             mode, reason = Mode.BURST, "; ".join(triggers)
+            kind = _kind(triggers[0])
             trig_scans, trig_time = sample.full_scans, sample.time_s
         elif mode is Mode.OFF:
             mode = Mode.STEADY
@@ -363,7 +381,10 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if mode is Mode.STEADY:
             reason = steady_reason if ignored is None else f"{steady_reason}; {ignored}"
     new["unvisited_floor"] = floor
-    new.update(mode=mode, trigger=reason if mode is Mode.BURST else None, trigger_full_scans=trig_scans,
+    if mode is not Mode.BURST:
+        kind = ""
+    new.update(mode=mode, trigger=reason if mode is Mode.BURST else None, trigger_kind=kind,
+               trigger_full_scans=trig_scans,
                trigger_time_s=trig_time, bursts=bursts, trigger_saved=trig_saved, fruitless=fruitless,
                holdoff_until_s=holdoff_until, steady_reason=steady_reason)
 
@@ -409,7 +430,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
     decision = BudgetDecision(
-        mode=mode, reason=reason or "", pages_to_scan=pages, sleep_ms=sleep_ms, next_tick_s=next_tick,
+        mode=mode, reason=reason or "", trigger=kind, pages_to_scan=pages, sleep_ms=sleep_ms, next_tick_s=next_tick,
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
         to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,
