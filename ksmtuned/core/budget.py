@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 #: Full passes after a trigger before a burst may end.  A new process is inserted just
 #: behind ksmd's cursor: the pass under way skips it, the next visits it once (a checksum),
@@ -234,9 +234,10 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[BudgetDecision, BudgetState]:
     """One tick of the budget law.  See the module docstring; docs/budget.md has the why."""
     last = state.last
-    new: dict = {"last": sample}
+    new: Dict[str, Any] = {"last": sample}
     # --- what happened since the last tick --------------------------------------------------
-    dt = dcpu_ns = None
+    dt: Optional[float] = None
+    dcpu_ns: Optional[int] = None
     if last is not None and sample.time_s > last.time_s:
         dt = sample.time_s - last.time_s
         if sample.ksmd_cpu_ns is not None and last.ksmd_cpu_ns is not None:
@@ -250,7 +251,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     # all-skipped passes and the wake-ups are averaged in, in their proportion
     acc = {Mode.BURST: state.burst_acc, Mode.STEADY: state.steady_acc}
     measured_in = state.mode if state.mode is not Mode.OFF else None
-    if (measured_in is not None and dcpu_ns is not None and last is not None and not reset
+    if (measured_in is not None and dt is not None and dcpu_ns is not None and last is not None and not reset
             and sample.pages_scanned is not None and last.pages_scanned is not None):
         dpages = max(0, sample.pages_scanned - last.pages_scanned)
         keep = math.exp(-dt / (BURST_COST_WINDOW_S if measured_in is Mode.BURST else STEADY_COST_WINDOW_S))
@@ -263,7 +264,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     new.update(burst_acc=acc[Mode.BURST], steady_acc=acc[Mode.STEADY])
     # steady ksmd CPU over the last minute or so: what the cost estimate missed is corrected
     steady_avg = state.steady_cpu_avg_pct
-    if measured_in is Mode.STEADY and cpu_pct is not None:
+    if measured_in is Mode.STEADY and cpu_pct is not None and dt is not None:
         w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
         steady_avg = cpu_pct if steady_avg is None else (1 - w) * steady_avg + w * cpu_pct
     new["steady_cpu_avg_pct"] = steady_avg
