@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...core.matchers import (DEFAULT_TRUST, MATCHER_NAMES, make_matcher, trusted, trusted_user_names,
                               guest_name)
@@ -63,7 +63,7 @@ class GuestFinder:
         self._thp_any: Optional[bool] = None
 
     @classmethod
-    def from_settings(cls, settings, run_dir: str = "/run", **kw) -> "GuestFinder":
+    def from_settings(cls, settings: Any, run_dir: str = "/run", **kw: Any) -> "GuestFinder":
         """The finder the daemon uses: KSM_GUEST_MATCH, KSM_PS_METRIC, KSM_GUEST_TRUST."""
         return cls(matchers=settings.guest_match, run_dir=str(run_dir), metric=settings.ps_metric,
                    trust=settings.guest_trust, **kw)
@@ -130,7 +130,7 @@ class GuestFinder:
             self._thp_any = fields is None or fields.get("AnonHugePages", 1) > 0
         return self._thp_any
 
-    def _measure(self, entry: Entry, matchers: tuple, pidfile: Optional[str], details: bool, now: float,
+    def _measure(self, entry: Entry, matchers: Tuple[str, ...], pidfile: Optional[str], details: bool, now: float,
                  fields: Optional[Mapping[str, int]], is_trusted: bool) -> Optional[Guest]:
         proc = entry.proc
         assert proc is not None
@@ -159,7 +159,7 @@ class GuestFinder:
             ksm_merging_pages=_int(ksm.get("ksm_merging_pages")),
             ksm_zero_pages=_int(ksm.get("ksm_zero_pages")),
             ksm_profit_bytes=_int(ksm.get("ksm_process_profit")),
-            ksm_mergeable=ksm.get("ksm_mergeable") if isinstance(ksm.get("ksm_mergeable"), bool) else None,
+            ksm_mergeable=_bool(ksm.get("ksm_mergeable")),
             matchers=matchers,
             comm=entry.comm,
             cmdline=entry.argv,
@@ -183,3 +183,7 @@ class GuestFinder:
 
 def _int(value: object) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _bool(value: object) -> Optional[bool]:
+    return value if isinstance(value, bool) else None
