@@ -29,6 +29,8 @@ log = logging.getLogger("ksmtuned.engine.guests")
 
 #: A process that started this long after its pid file was written is not the one it names.
 PIDFILE_SLACK_S = 2.0
+#: Untrusted guests are logged at most this often (any user can start them: no log flood).
+UNTRUSTED_LOG_EVERY_S = 600.0
 
 
 class GuestFinder:
@@ -61,6 +63,7 @@ class GuestFinder:
         self.pidfiles = PidFiles([(m.name, f"{self.run_dir}/{m.pidfile_dir}") for m in self.matchers
                                   if m.pidfile_dir])
         self._thp_any: Optional[bool] = None
+        self._untrusted_logged_at: Optional[float] = None
 
     @classmethod
     def from_settings(cls, settings: Any, run_dir: str = "/run", **kw: Any) -> "GuestFinder":
@@ -82,6 +85,7 @@ class GuestFinder:
         me = self_pid()
         now = self.clock()
         guests = []
+        skipped = []
         candidates = {e.pid for e in self.table.claimed()} | by_pidfile.keys()
         for pid in sorted(candidates):
             entry = self.table.get(pid)
@@ -93,11 +97,19 @@ class GuestFinder:
             is_trusted = trusted(self.trust, entry.uid, self.trusted_uids,
                                  any(f.root_owned for f in files), entry.cgroup)
             if not is_trusted and not untrusted:
+                skipped.append(entry)
                 continue
             guest = self._measure(entry, ordered, files[0].path if files else None, details, now,
                                   meminfo_fields, is_trusted)
             if guest is not None:
                 guests.append(guest)
+        if skipped and (self._untrusted_logged_at is None or now - self._untrusted_logged_at >= UNTRUSTED_LOG_EVERY_S):
+            self._untrusted_logged_at = now
+            first = skipped[0]
+            log.warning("%d guest-looking process(es) of users KSM_GUEST_TRUST does not trust are not counted "
+                        "(pid %d, %r, user %s%s); see `ksmtuned guests` and docs/security.md",
+                        len(skipped), first.pid, (first.name or first.comm)[:64], first.user,
+                        ", ..." if len(skipped) > 1 else "")
         return guests
 
     def close(self) -> None:
