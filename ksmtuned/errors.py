@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 2  # bad command line
     NOT_RUNNING = 3  # `retune`: no verified ksmtuned daemon runs (`status` still exits 0 and says so)
     ALREADY_RUNNING = 4  # another ksmtuned holds the pid file lock
+    DATA = 65  # EX_DATAERR: `status`: the state file is not a ksmtuned state file (truncated, planted, foreign)
     UNAVAILABLE = 69  # EX_UNAVAILABLE: this kernel has no KSM
     NO_PERMISSION = 77  # EX_NOPERM: must run as root
     CONFIG = 78  # EX_CONFIG: the configuration is invalid or unsafe
@@ -26,10 +27,6 @@ class KsmtunedError(Exception):
     """Base of every error ksmtuned reports to a user."""
 
     exit_code: ExitCode = ExitCode.SOFTWARE
-
-
-class UsageError(KsmtunedError):
-    exit_code = ExitCode.USAGE
 
 
 class ConfigError(KsmtunedError):
@@ -57,6 +54,13 @@ class KsmUnavailableError(KernelInterfaceError):
 
 class KsmPermissionError(KernelInterfaceError):
     exit_code = ExitCode.NO_PERMISSION
+
+
+class StateFileError(KsmtunedError):
+    """The state file exists but is not one ksmtuned wrote: not a regular file, too large, not
+    JSON, or not the documented layout.  The message is one line naming the file."""
+
+    exit_code = ExitCode.DATA
 
 
 class NotRunningError(KsmtunedError):

@@ -20,14 +20,6 @@ from typing import Callable, Sequence
 from tests.fakes import ksm as _ksm
 from tests.fakes import proc as _proc
 
-
-def _has_state_file_option() -> bool:
-    from ksmtuned.cli import build_parser
-
-    return "--state-file" in build_parser().format_help()
-
-
-HAS_STATE_FILE = _has_state_file_option()
 GIB_KIB = _proc.GIB_KIB
 TOTAL_KIB = _proc.TOTAL_KIB  # threshold at the default KSM_THRES_COEF=20: 3,355,443 kB
 
@@ -92,8 +84,8 @@ class Daemon:
         write_atomic(self.config, conf)
         self.stderr_path = self.base / "stderr"
         self.stdout_path = self.base / "stdout"
-        # the state file (issue 4) goes with the rest, never to the machine's /run/ksmtuned
-        self.state_file: Path | None = self.base / "state.json" if HAS_STATE_FILE else None
+        # the state file goes with the rest, never to the machine's /run/ksmtuned
+        self.state_file = self.base / "state.json"
         self.extra_args = list(extra_args)
         self.prefix = list(prefix)
         self.force = force
@@ -111,7 +103,7 @@ class Daemon:
             argv.append("--force")
         if self.procfs is not None:
             argv += ["--procfs", str(self.procfs)]
-        if self.state_file is not None and "--state-file" not in self.extra_args:
+        if "--state-file" not in self.extra_args:
             argv += ["--state-file", str(self.state_file)]
         return argv + self.extra_args
 

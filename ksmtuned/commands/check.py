@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the finder is imported only when guests are scanned
     from ..core.ticks import Guest
 
+from ..core.documents import CheckDocument
 from ..errors import ExitCode
 from ..paths import DEFAULT_PIDFILE, DEFAULT_RUN_DIR, Paths
 
@@ -45,7 +46,6 @@ MIN_SWAP_BYTES = 4 * GIB
 QEMU_DEFAULT_RAM_BYTES = 128 * MIB
 SINGLE_VCPU_PER_CORE_WARN = 5
 VCPU_PER_CORE_WARN = 10
-CHECK_SCHEMA = 1
 VERDICTS = ("pass", "warn", "fail", "skip")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([bBkKmMgGtTpPeE]?)\s*$")
@@ -456,11 +456,10 @@ def run_checks(host: Host) -> list[Check]:
     return checks
 
 
-def report(host: Host, checks: list[Check]) -> dict[str, Any]:
-    """The documented `check --json` object."""
+def report(host: Host, checks: list[Check]) -> CheckDocument:
+    """The documented `check --json` document (docs/schemas/check.json)."""
     summary = {v: sum(1 for c in checks if c.verdict == v) for v in VERDICTS}
-    return {
-        "schema": CHECK_SCHEMA,
+    return CheckDocument.model_validate({
         "ok": summary["fail"] == 0,
         "summary": summary,
         "host": {"ram_bytes": host.ram_bytes, "swap_bytes": host.swap_bytes, "cores": host.cores,
@@ -468,7 +467,7 @@ def report(host: Host, checks: list[Check]) -> dict[str, Any]:
                  "guests": [asdict(g) for g in host.guests],
                  "untrusted_guests": [asdict(u) for u in host.untrusted]},
         "checks": [asdict(c) for c in checks],
-    }
+    })
 
 
 def render_text(checks: list[Check]) -> str:
@@ -497,7 +496,7 @@ def main(paths: Paths, as_json: bool = False) -> int:
     if config_check is not None:
         checks.insert(0, config_check)
     if as_json:
-        print(json.dumps(report(host, checks), indent=2))
+        print(json.dumps(report(host, checks).model_dump(mode="json", by_alias=True), indent=2))
     else:
         sys.stdout.write(render_text(checks))
     return ExitCode.SOFTWARE if any(c.verdict == "fail" for c in checks) else ExitCode.OK

@@ -2,14 +2,14 @@
 
 Reads the same settings as the daemon (KSM_GUEST_MATCH, KSM_PS_METRIC), so what it lists is
 what the daemon counts.  It reads ``smaps_rollup`` for every guest (PSS and THP), which the
-daemon avoids each tick.
+daemon avoids each tick.  ``--json`` prints a GuestsDocument (docs/schemas/guests.json).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
+from ..core.documents import GuestEntry, GuestsDocument
 from ..core.ticks import committed_kib
 from ..engine.guests import GuestFinder
 from ..errors import ExitCode
@@ -19,15 +19,6 @@ from ..service.config_file import load
 
 def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
-
-
-def guest_dict(g) -> dict:
-    d = dataclasses.asdict(g)
-    d["cmdline"] = list(g.cmdline)
-    d["matchers"] = list(g.matchers)
-    d["ksm_saved_kib"] = g.ksm_saved_kib
-    d["thp_warning"] = g.thp_warning
-    return d
 
 
 def render_table(guests, metric: str, matchers) -> str:
@@ -67,14 +58,11 @@ def main(paths: Paths, as_json: bool = False) -> int:
     guests = finder.scan(details=True)
     metric = loaded.settings.ps_metric
     if as_json:
-        print(json.dumps({
-            "matchers": list(finder.matcher_names),
-            "metric": metric,
-            "trust": list(finder.trust),
-            "untrusted": sum(1 for g in guests if not g.trusted),
-            "committed_kib": committed_kib(guests, metric),
-            "guests": [guest_dict(g) for g in guests],
-        }, indent=2))
+        doc = GuestsDocument(matchers=list(finder.matcher_names), metric=metric, trust=list(finder.trust),
+                             untrusted=sum(1 for g in guests if not g.trusted),
+                             committed_kib=committed_kib(guests, metric),
+                             guests=[GuestEntry.model_validate(g) for g in guests])
+        print(json.dumps(doc.model_dump(mode="json", by_alias=True), indent=2))
         return ExitCode.OK
     print(render_table(guests, metric, finder.matcher_names))
     return ExitCode.OK

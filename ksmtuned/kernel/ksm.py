@@ -93,7 +93,10 @@ class KsmSysfs:
             os.close(fd)
 
     def has(self, name: str) -> bool:
-        return self.path(name).exists()
+        try:
+            return self.path(name).exists()
+        except OSError as e:  # EACCES on a directory above: one line (exit 77), not a traceback
+            raise _wrap(e, self.path(name), "look up") from None
 
     def read(self, name: str) -> str:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
@@ -105,6 +108,7 @@ class KsmSysfs:
         return _selected(text)
 
     def read_int(self, name: str) -> int:
+        """A counter as an integer (``ksmctl stop --unmerge`` follows pages_sharing with it)."""
         text = self.read(name)
         try:
             return int(text)

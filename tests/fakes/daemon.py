@@ -26,6 +26,7 @@ class DaemonProc:
         self.conf = self.tmp / "ksmtuned.conf"
         self.log = self.tmp / "ksmtuned.log"
         self.pidfile = self.tmp / "ksmtune.pid"
+        self.state = self.tmp / "state.json"  # never the machine's /run/ksmtuned/state.json
         self.stderr = self.tmp / "stderr"
         self.procfs = procfs
         if debug_log:
@@ -43,7 +44,8 @@ class DaemonProc:
 
     def start(self, wait_ticks: int = 1) -> "DaemonProc":
         self._err = open(self.stderr, "w")
-        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *self.extra),
+        state = [] if "--state-file" in self.extra else ["--state-file", str(self.state)]
+        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *state, *self.extra),
                                      stdout=subprocess.DEVNULL, stderr=self._err, cwd=REPO)
         if wait_ticks:
             self.wait_ticks(wait_ticks)
