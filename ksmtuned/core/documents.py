@@ -216,6 +216,15 @@ class CheckGuest(Part):
     rss_bytes: Optional[int]
 
 
+class CheckUntrusted(Part):
+    """A guest-looking process KSM_GUEST_TRUST does not trust: listed, never counted."""
+
+    pid: int
+    name: str
+    uid: Optional[int]
+    user: Optional[str]
+
+
 class CheckHost(Part):
     ram_bytes: Optional[int]
     swap_bytes: Optional[int]
@@ -223,7 +232,9 @@ class CheckHost(Part):
     cpus: int = Field(description="logical CPUs")
     thp_mode: Optional[str]
     ksm_present: bool
-    guests: List[CheckGuest]
+    guests: List[CheckGuest] = Field(description="the trusted guests the checks count")
+    untrusted_guests: List[CheckUntrusted] = Field(
+        default_factory=list, description="guest-looking processes of unprivileged users (docs/security.md)")
 
 
 class CheckResult(Part):
