@@ -5,13 +5,8 @@ fakes themselves are tests/fakes)."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 from tests.fakes import ksm as _ksm
 from tests.fakes import guests as _guests
 from tests.fakes import proc as _proc
+from tests.fakes.daemon import DaemonProc
 
 #: A fake KSM directory: distinct values, so a mix-up between counters shows.
 FAKE_KSM = _ksm.FULL
@@ -49,61 +45,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Daemon:
-    """`python -m ksmtuned --foreground --force` on a fake KSM dir, with its own pid and state files."""
+class Daemon(DaemonProc):
+    """The daemon (tests/fakes/daemon.py) on a full fake KSM dir, with its own pid and state
+    files and no debug log: the tests read its state file."""
 
     def __init__(self, tmp: Path, config: str = "", sysfs: Path | None = None, state: Path | None = None):
-        self.tmp = tmp
-        self.sysfs = sysfs or fake_ksm_dir(tmp)
-        self.conf = tmp / "ksmtuned.conf"
-        self.pidfile = tmp / "ksmtune.pid"
-        self.state = state or tmp / "run" / "state.json"
-        self.stderr = tmp / "daemon.stderr"
-        self.conf.write_text(config)
-        os.chmod(self.conf, 0o644)
-        self.proc: subprocess.Popen | None = None
+        super().__init__(tmp, config, sysfs=sysfs or fake_ksm_dir(tmp), debug_log=False,
+                         state=state or tmp / "run" / "state.json", stderr_name="daemon.stderr")
 
-    def cli(self, *args: str) -> list[str]:
-        """argv of a short command (status, check) aimed at this daemon's files."""
-        return [sys.executable, "-m", "ksmtuned", *args, "--config", str(self.conf), "--sysfs", str(self.sysfs),
-                "--pidfile", str(self.pidfile)]
-
-    def start(self, wait_state: bool = True) -> "Daemon":
-        argv = [sys.executable, "-m", "ksmtuned", "--foreground", "--force", "--config", str(self.conf),
-                "--sysfs", str(self.sysfs), "--pidfile", str(self.pidfile), "--state-file", str(self.state)]
-        with open(self.stderr, "a") as err:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+    def start(self, wait_state: bool = True) -> "Daemon":  # type: ignore[override]
+        super().start(wait_ticks=0)
         if wait_state:
             self.wait_adjusts(1)
         return self
 
-    def read_state(self) -> dict | None:
-        try:
-            return json.loads(self.state.read_bytes())
-        except (FileNotFoundError, ValueError, RecursionError):
-            return None  # not written yet (or a planted file that is not ours)
-
-    def wait_adjusts(self, n: int, timeout_s: float = 20.0) -> dict:
-        """Wait until the daemon's state file counts at least n adjusts; that state."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            st = self.read_state()
-            if st and self.proc and (st.get("daemon") or {}).get("pid") == self.proc.pid and st["counts"]["adjusts"] >= n:
-                return st
-            if self.proc and self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.stderr.read_text()}")
-            time.sleep(0.01)
-        raise AssertionError(f"no adjust {n} within {timeout_s}s: {self.stderr.read_text()}")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:  # type: ignore[override]
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(10)
+        return super().stop(sig=sig)
 
 
 @contextlib.contextmanager
