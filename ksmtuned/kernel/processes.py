@@ -81,12 +81,12 @@ def look(pid: int) -> Optional[Seen]:
     """
     try:
         proc = psutil.Process(pid)
-        with proc.oneshot():
+        with proc.oneshot():  # one read of /proc/PID/stat for both
             comm, ppid = proc.name(), proc.ppid()
-            zombie = proc.status() == psutil.STATUS_ZOMBIE
+        zombie = False
         try:
-            argv = tuple(proc.cmdline()) if not zombie else ()
-        except psutil.ZombieProcess:
+            argv = tuple(proc.cmdline())
+        except psutil.ZombieProcess:  # psutil's answer to the empty command line of a zombie
             argv, zombie = (), True
         comm_after = proc.name() if argv else comm
     except (psutil.NoSuchProcess, ValueError):  # ZombieProcess is caught above
