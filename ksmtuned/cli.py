@@ -14,8 +14,8 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import ExitCode, KsmtunedError
-from .paths import (DEFAULT_CONFIG, DEFAULT_KSM_DEFAULTS, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
-                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, Paths)
+from .paths import (DEFAULT_CONFIG, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
+                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, KSM_DEFAULTS_FILES, Paths)
 
 
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be written, write nothing (works without root)")
     p.add_argument("--force", action="store_true",
-                   help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
+                   help="start even when another KSM tuner (momd, mom-vdsm, KubeVirt's virt-handler, "
+                        "harvester-node-manager, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--state-file", metavar="PATH", default=None,
                    help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")
@@ -92,9 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
@@ -127,19 +131,37 @@ def main(argv: Optional[List[str]] = None) -> int:
         return ExitCode.OK
 
 
-def ksmctl_main(argv: Optional[List[str]] = None) -> int:
-    """ksmctl start|stop: what ksm.service runs."""
-    p = argparse.ArgumentParser(prog="ksmctl", description="Start or stop the kernel's KSM (for ksm.service)")
+def build_ksmctl_parser() -> argparse.ArgumentParser:
+    """ksmctl's command line (also the source of its bash completion: tools/gen-completion.py)."""
+    p = argparse.ArgumentParser(
+        prog="ksmctl", description="Start or stop the kernel's KSM (what ksm.service runs). "
+        "start: max_kernel_pages (old kernels only), then run=1. stop: run=0, merged pages stay merged; "
+        "stop --unmerge: run=2, every merged page is unmerged (progress on standard error).")
+    p.add_argument("--version", action="version", version=f"ksmctl (ksmtuned) {__version__}")
     p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--unmerge", action="store_true",
+                   help="with stop: unmerge every merged page (run=2); warns first when MemAvailable "
+                        "would not hold them")
     p.add_argument("--sysfs", metavar="DIR", default=DEFAULT_SYSFS)
     p.add_argument("--procfs", metavar="DIR", default=DEFAULT_PROCFS)
-    p.add_argument("--defaults", metavar="PATH", default=DEFAULT_KSM_DEFAULTS,
-                   help=f"file with KSM_MAX_KERNEL_PAGES (default {DEFAULT_KSM_DEFAULTS})")
+    p.add_argument("--defaults", metavar="PATH", default=None,
+                   help="file with KSM_MAX_KERNEL_PAGES (default: the first of "
+                        f"{' and '.join(KSM_DEFAULTS_FILES)} that exists)")
+    return p
+
+
+def ksmctl_main(argv: Optional[List[str]] = None) -> int:
+    """ksmctl start|stop: what ksm.service runs."""
+    p = build_ksmctl_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.unmerge and args.action != "stop":
+        p.error("--unmerge goes with stop")  # exits 2
+    defaults = (args.defaults,) if args.defaults else KSM_DEFAULTS_FILES
     from .commands import ksmctl
 
     try:
-        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=args.defaults)
+        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
+                           unmerge_pages=args.unmerge)
     except KsmtunedError as e:
         print(f"ksmctl: {e}", file=sys.stderr)
         return e.exit_code

@@ -18,6 +18,33 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that takes the real KSM directory is in the ksm and root tiers, marked or not."""
+    for item in items:
+        if "real_ksm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ksm)
+            item.add_marker(pytest.mark.root)
+
+
+_NOBODY_PYTHON: list[str] = []
+
+
+def skip_unless_nobody_can_run_python() -> None:
+    """Skip a test that runs this interpreter as nobody when nobody cannot run it.
+
+    pyenv's interpreters (the 3.9 and 3.13 tiers) live under /root, mode 0700, and load their
+    libpython through a RUNPATH there: nobody gets "cannot open shared object file".
+    """
+    if not _NOBODY_PYTHON:
+        import subprocess
+
+        r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                            "-c", "pass"], capture_output=True, text=True, timeout=30)
+        _NOBODY_PYTHON.append("" if r.returncode == 0 else (r.stderr.strip().splitlines() or ["?"])[-1])
+    if _NOBODY_PYTHON[0]:
+        pytest.skip(f"nobody cannot run {sys.executable}: {_NOBODY_PYTHON[0]}")
+
+
 @pytest.fixture
 def real_ksm():
     """The real /sys/kernel/mm/ksm, exclusively ours, restored (run=2 first) afterwards."""

@@ -223,20 +223,6 @@ def test_counter_reader_drops_and_refinds_files(tmp_path):
     assert reader.counters()["pages_volatile"] == 5
 
 
-def test_counters_take_known_values_instead_of_reading_them(tmp_path):
-    """The daemon passes the knobs as its writes left them: those files are not read again."""
-    from ksmtuned.kernel.ksm import KsmSysfs
-    from tests.report_support import fake_ksm_dir
-
-    d = fake_ksm_dir(tmp_path)
-    reader = KsmSysfs(d)
-    expected = read_sysfs(d)
-    (d / "sleep_millisecs").unlink()  # were it read, it would be missing
-    got = reader.counters(known={reader.file("pages_to_scan"): "1250", reader.file("sleep_millisecs"): "10"})
-    assert got == {**expected, "pages_to_scan": 1250, "sleep_millisecs": 10}
-    assert reader.counters(known={str(tmp_path / "elsewhere" / "run"): "0"})["run"] == expected["run"]
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run status as nobody")
 def test_status_on_a_ksm_directory_it_may_not_look_into_is_one_line_and_77(tmp_path):
     """Path.exists() raises on EACCES: it was a traceback."""

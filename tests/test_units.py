@@ -98,8 +98,11 @@ def installed_text(name: str) -> str:
 
 def verify_problems(unit_dir: Path, names: list[str]) -> tuple[int, list[str]]:
     """Run systemd-analyze verify; its exit status and every output line about our units."""
+    # verify runs `man` for each Documentation=man:...: the checkout's pages (man/man8, man/man5),
+    # as the packages install them
+    env = {**os.environ, "MANPATH": str(REPO / "man")}
     r = subprocess.run([SYSTEMD_ANALYZE, "verify", *(str(unit_dir / n) for n in names)],
-                       capture_output=True, text=True, timeout=60, cwd=unit_dir)
+                       capture_output=True, text=True, timeout=60, cwd=unit_dir, env=env)
     ours = [line for line in (r.stdout + r.stderr).splitlines()
             if any(n in line for n in names) or str(unit_dir) in line]
     return r.returncode, ours
@@ -277,6 +280,9 @@ def foreign_guest():
         pytest.skip("needs root to start a process as another user and to drop capabilities")
     if not shutil.which("setpriv"):
         pytest.skip("setpriv (util-linux) is not installed")
+    from tests.conftest import skip_unless_nobody_can_run_python
+
+    skip_unless_nobody_can_run_python()
     proc = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -532,7 +538,8 @@ def _logrotate_conf(tmp: Path, log: Path) -> Path:
     text = LOGROTATE_CONF.read_text()
     assert "/var/log/ksmtuned {" in text
     conf = tmp / "logrotate.conf"
-    conf.write_text(text.replace("/var/log/ksmtuned {", f"{log} {{"))
+    conf.write_text(text.replace("/var/log/ksmtuned {", f"{log} {{")
+                    .replace("/var/log/ksmtuned.log {", f"{log.parent / 'captured-stderr.log'} {{"))
     return conf
 
 
@@ -546,7 +553,11 @@ def test_logrotate_config_is_valid(tmp_path):
     assert r.returncode == 0, out
     assert "error" not in out.lower(), out
     assert "weekly (4 rotations)" in out, out
-    assert "copytruncate" not in LOGROTATE_CONF.read_text().replace("no copytruncate", "")
+    # the debug log is moved, never copied (the daemon reopens LOGFILE); only the init script's
+    # captured standard error (/var/log/ksmtuned.log) needs copytruncate
+    debug_stanza = LOGROTATE_CONF.read_text().split("/var/log/ksmtuned {", 1)[1].split("}", 1)[0]
+    assert "copytruncate" not in debug_stanza.replace("no copytruncate", "")
+    assert "rotating pattern: " + str(tmp_path / "captured-stderr.log") in out, out
 
 
 @needs_logrotate

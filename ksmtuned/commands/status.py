@@ -21,7 +21,8 @@ from ..core.documents import StatusDocument
 from ..core.ticks import PAGE_SIZE
 from ..errors import ExitCode, NotRunningError
 from ..kernel.ksm import KsmSysfs
-from ..kernel.ksmd import Ksmd, process_age_s
+from ..kernel import processes
+from ..kernel.ksmd import Ksmd
 from ..paths import Paths
 from ..report.state import read_state
 from ..service.config_file import pidfile_in_force
@@ -64,7 +65,7 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
         "daemon": {
             "running": pid is not None,
             "pid": pid,
-            "uptime_s": _round(process_age_s(procfs, pid)) if pid is not None else None,
+            "uptime_s": _round(processes.age_s(pid)) if pid is not None else None,
             "config_file": daemon_info.get("config_file"),
             "version": daemon_info.get("version"),
             "pidfile": str(pidfile),

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_PIDFILE
+from .matchers import DEFAULT_TRUST
 from .policy import Tuning
 from .shellconf import DEFAULT_CONFIG_PATH, Assignment, parse_assignments
 
@@ -137,6 +138,19 @@ def to_guest_match(value: object) -> Tuple[str, ...]:
     return items
 
 
+def to_guest_trust(value: object) -> Tuple[str, ...]:
+    """KSM_GUEST_TRUST: whose guest-looking processes count (core/matchers.py, docs/security.md)."""
+    from .matchers import parse_trust
+
+    if isinstance(value, str):
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        items = tuple(value)
+    else:
+        items = ()
+    return parse_trust(items)
+
+
 def to_listen(value: object) -> Optional[Tuple[str, int]]:
     if isinstance(value, str):
         return parse_listen(value)
@@ -155,6 +169,7 @@ Flag = Annotated[bool, BeforeValidator(to_flag)]
 Text = Annotated[str, BeforeValidator(to_text)]
 OptionalText = Annotated[Optional[str], BeforeValidator(to_optional_text)]
 GuestMatch = Annotated[Tuple[str, ...], BeforeValidator(to_guest_match)]
+GuestTrust = Annotated[Tuple[str, ...], BeforeValidator(to_guest_trust)]
 Listen = Annotated[Optional[Tuple[str, int]], BeforeValidator(to_listen)]
 PsMetric = Annotated[Literal["rss", "pss", "vsz"], BeforeValidator(choice("rss", "pss", "vsz", also={"rsz": "rss"}))]
 FreeMetric = Annotated[Literal["classic", "available"], BeforeValidator(choice("classic", "available"))]
@@ -232,6 +247,9 @@ class Settings(BaseModel):
     guest_match: GuestMatch = setting(
         "KSM_GUEST_MATCH", MATCHER_NAMES, unit="list", range_text="redhat, debian, libvirt, proxmox, regex:PATTERN",
         meaning="which processes are guests")
+    guest_trust: GuestTrust = setting(
+        "KSM_GUEST_TRUST", DEFAULT_TRUST, unit="list", range_text="root, hypervisor, pidfile, machine-slice, user:NAME, any",
+        meaning="whose guest-looking processes count (docs/security.md)")
     ps_metric: PsMetric = setting(  # rsz: Proxmox's spelling
         "KSM_PS_METRIC", "rss", unit="rss | pss | vsz", range_text="rsz = rss", meaning="how a guest's memory is counted")
     free_metric: FreeMetric = setting(

@@ -21,7 +21,7 @@ from ..core.ticks import Guest, TickReport, Write, committed_kib
 from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
-from ..kernel.procfs import OpenFiles
+from ..kernel.ksmd import Ksmd
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
@@ -57,12 +57,11 @@ class Daemon:
         self.procfs = Path(procfs)
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
-        self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
-        self._files = OpenFiles(self.procfs)  # /proc/meminfo, read every tick
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
         self.guest_finder = guest_finder or self._make_guest_finder(config.settings)
+        self.ksmd = Ksmd(self.procfs)
         self.dry_run = dry_run
         self.reload_config = reload_config
         self.observers = list(observers)
@@ -83,7 +82,7 @@ class Daemon:
         return DebugLog(settings.logfile, settings.debug or self.debug_override)
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
-        return GuestFinder.from_settings(settings, procfs=self.procfs, run_dir=self.run_dir)
+        return GuestFinder.from_settings(settings, run_dir=str(self.run_dir))
 
     @property
     def settings(self) -> Settings:
@@ -92,7 +91,8 @@ class Daemon:
     # --- start and reload -----------------------------------------------------------
     def start(self) -> None:
         """Compute the limits from MemTotal once, and print the start lines."""
-        total = meminfo.total_kib(meminfo.read_meminfo(self._meminfo_file, self._files.read), self._meminfo_file)
+        path = str(self.meminfo_path)
+        total = meminfo.total_kib(meminfo.read_meminfo(path), path)
         self.limits = limits_for(total, self.settings.tuning())
         self.debug_log.write(start_lines(self.limits))
         log.info(
@@ -119,7 +119,8 @@ class Daemon:
         self.config = new
         self.debug_log.close()
         self.debug_log = self._make_debug_log(new.settings)
-        if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+        if (new.settings.guest_match, new.settings.ps_metric, new.settings.guest_trust) != (
+                old_settings.guest_match, old_settings.ps_metric, old_settings.guest_trust):
             self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
         try:
@@ -135,9 +136,12 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self._meminfo_file, self._files.read)
-        free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
-        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
+        path = str(self.meminfo_path)
+        fields = meminfo.read_meminfo(path)
+        free = meminfo.free_kib(fields, self.settings.free_metric, path)
+        # only trusted guests (KSM_GUEST_TRUST) are measured and counted; the THP check takes
+        # AnonHugePages from this tick's meminfo
+        guests = self.guest_finder.scan(meminfo_fields=fields, untrusted=False)
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 
@@ -158,7 +162,7 @@ class Daemon:
             # the next tick writes again whatever still differs.
             self.npages = decision.npages
             try:
-                report.writes = self.apply(decision, known=report.knobs)
+                report.writes = self.apply(decision)
             finally:
                 self.debug_log.write(tick_lines(decision))
             self._log_change(decision, report.writes)
@@ -176,6 +180,7 @@ class Daemon:
             report.error = f"{type(e).__name__}: {e}"
             self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
+        self._observe_ksm(report)
         self._notify(report)
         for observer in self.observers:
             try:
@@ -183,6 +188,15 @@ class Daemon:
             except Exception:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
+
+    def _observe_ksm(self, report: TickReport) -> None:
+        """What KSM and ksmd did (counters, ksmd's CPU time), for the observers; never fails the tick."""
+        try:
+            report.ksm = self.sysfs.counters()
+        except KsmtunedError as e:
+            log.debug("KSM counters: %s", e)
+        report.ksmd_cpu_s = self.ksmd.cpu_seconds()
+        report.ksmd_pid = self.ksmd.pid
 
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
@@ -201,12 +215,9 @@ class Daemon:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision, known: dict[str, str] | None = None) -> list[Write]:
+    def apply(self, decision: Decision) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
-
-        ``known`` receives the value each knob now holds, where apply read or wrote it.
         """
-        known = {} if known is None else known
         if decision.run:
             wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
                       ("run", "1")]
@@ -219,8 +230,6 @@ class Daemon:
                     old = self.sysfs.read(name)
                 except KernelInterfaceError:
                     old = None
-                if old is not None:
-                    known[self.sysfs.file(name)] = old
                 if old != value:
                     writes.append(Write(name, old, value))
                     self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
@@ -240,7 +249,6 @@ class Daemon:
                     continue
                 errors.append(e)
                 continue
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         if self._advisor_warned and not self.sysfs.advisor_scanning():

@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 import time
-from typing import Callable, TextIO
+from typing import Callable, Mapping, TextIO
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class DebugLog:
         self.path = path
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout
+        # debug lines on standard output that is the journal: at debug priority, not info
+        self._line_prefix = "<7>" if not path and is_journal(self.stream) else ""
         self.clock = clock
         self._fd: int | None = None
         self._ident: tuple[int, int] | None = None
@@ -48,6 +50,8 @@ class DebugLog:
             return
         data = format_lines(lines, self.clock())
         if not self.path:
+            if self._line_prefix:
+                data = "".join(self._line_prefix + line + "\n" for line in data.splitlines())
             try:
                 self.stream.write(data)
                 self.stream.flush()
@@ -108,10 +112,47 @@ def open_private_append(path: str, mode: int = 0o644) -> int:
     return fd
 
 
+def is_journal(stream: TextIO, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the stream is the journal: systemd sets JOURNAL_STREAM to "DEVICE:INODE" (decimal)
+    of the socket it connects a service's stdout/stderr to (systemd.exec(5)).  Comparing with
+    the stream's own fstat keeps a child that inherited the variable, but writes elsewhere (a
+    hook's `ksmtuned retune` run by libvirtd, a terminal), from getting the prefixes."""
+    dev, _, ino = env.get("JOURNAL_STREAM", "").partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a file (pytest's capture)
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+#: sd-daemon(3)'s "<N>" prefixes: the journal stores each line at that syslog priority.
+SYSLOG_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def syslog_priority(levelno: int) -> int:
+    for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if levelno >= level:
+            return SYSLOG_PRIORITY[level]
+    return SYSLOG_PRIORITY[logging.DEBUG]
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line of a record (a traceback's too: the journal splits at newlines) gets the
+    record's "<N>" prefix, so `journalctl -p err` shows the whole error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """State changes at INFO to standard error (the journal adds time and unit)."""
+    """State changes at INFO to standard error (the journal adds time and unit; when standard
+    error is the journal, each line carries its syslog priority)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    journal = is_journal(sys.stderr)
+    handler.setFormatter((JournalFormatter if journal else logging.Formatter)("%(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
