@@ -515,6 +515,7 @@ def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
 
     skip_unless_nobody_can_run_python()
     tmp_path.chmod(0o755)
+    _nobody_can_reach(tmp_path / "ksmtune.pid")  # pytest's base temp dirs are 0700
     from tests.daemon_support import DaemonProc
 
     with DaemonProc(tmp_path) as d:

@@ -74,7 +74,7 @@ class Daemon:
         self.ready_sent = False
         self._advisor_warned = False
         self._failing_since: float | None = None
-        self._last_error: tuple[str, float] | None = None  # (error text, when it was last logged)
+        self._logged: dict[str, float] = {}  # error key -> when it was last logged, while failing
         self.once = once  # --once: nothing will be retried
 
     # --- construction helpers -------------------------------------------------------
@@ -170,11 +170,13 @@ class Daemon:
             if self._failing_since is not None:
                 log.info("adjusting works again (after %.0f s of failures)", self.clock() - self._failing_since)
                 self._failing_since = None
-                self._last_error = None
+                self._logged.clear()
         except KsmtunedError as e:
             report.error = str(e)
-            # the same fault on the same file is the same error, whatever value it refused
-            key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
+            # the same failing system call on the same file is the same error, whatever value it
+            # refused; without an errno (meminfo's "missing field", "impossible value") the text is
+            key = (f"{type(e).__name__}:{e.path}:{e.errno}"
+                   if isinstance(e, KernelInterfaceError) and e.path and e.errno is not None else str(e))
             self._log_failure(reason, str(e), key=key)
         except Exception as e:  # the tick boundary: log with a traceback and keep running
             report.error = f"{type(e).__name__}: {e}"
@@ -200,17 +202,23 @@ class Daemon:
 
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
+    #: Distinct errors remembered for that (each is rate-limited on its own).
+    ERROR_KEYS = 64
 
     def _log_failure(self, reason: str, text: str, key: str | None = None) -> None:
         """ERROR for a new failure; the same one again only every REPEAT_ERROR_S (a short interval
-        with a lasting fault must not flood the journal)."""
+        with a lasting fault must not flood the journal).  Per distinct error: one meminfo fault
+        must not hide a different one for ten minutes, nor two alternating ones log every tick."""
         now = self.clock()
         key = key or text
         then = "" if self.once else ", will retry"
-        if self._last_error is None or self._last_error[0] != key or now - self._last_error[1] >= self.REPEAT_ERROR_S:
-            repeated = self._failing_since is not None and self._last_error is not None and self._last_error[0] == key
+        last = self._logged.get(key)
+        if last is None or now - last >= self.REPEAT_ERROR_S:
+            repeated = self._failing_since is not None and last is not None
             log.error("adjust failed (%s)%s%s: %s", reason, then, " again, still" if repeated else "", text)
-            self._last_error = (key, now)
+            self._logged[key] = now
+            if len(self._logged) > self.ERROR_KEYS:  # bounded: forget the one logged longest ago
+                del self._logged[min(self._logged, key=self._logged.__getitem__)]
         else:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
