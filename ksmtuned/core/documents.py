@@ -151,8 +151,9 @@ class StateDocument(Part):
     ksmd: StateKsmd
     guests: List[StateGuest]
     settings: Settings = Field(description="the settings in force, by their ksmtuned.conf keys")
-    history: List[HistoryEntry] = Field(description="the last ticks, oldest first (at most 300)")
     budget: Optional[StateBudget] = Field(None, description="KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates")
+    #: last: the reporter appends its pre-serialized entries to the JSON text
+    history: List[HistoryEntry] = Field(description="the last ticks, oldest first (at most 300)")
 
 
 # --- status --json -------------------------------------------------------------------------
