@@ -221,17 +221,3 @@ def test_counter_reader_drops_and_refinds_files(tmp_path):
     assert reader.counters() == read_sysfs(d)
     (d / "pages_volatile").write_text("5\n")  # and found again after the re-probe
     assert reader.counters()["pages_volatile"] == 5
-
-
-def test_counters_take_known_values_instead_of_reading_them(tmp_path):
-    """The daemon passes the knobs as its writes left them: those files are not read again."""
-    from ksmtuned.kernel.ksm import KsmSysfs
-    from tests.report_support import fake_ksm_dir
-
-    d = fake_ksm_dir(tmp_path)
-    reader = KsmSysfs(d)
-    expected = read_sysfs(d)
-    (d / "sleep_millisecs").unlink()  # were it read, it would be missing
-    got = reader.counters(known={reader.file("pages_to_scan"): "1250", reader.file("sleep_millisecs"): "10"})
-    assert got == {**expected, "pages_to_scan": 1250, "sleep_millisecs": 10}
-    assert reader.counters(known={str(tmp_path / "elsewhere" / "run"): "0"})["run"] == expected["run"]

@@ -94,8 +94,10 @@ class TickReport:
     free_kib: int | None = None
     committed_kib: int | None = None
     error: str | None = None
-    #: KSM files as apply() left them (path -> value, read or written): the state file need not read them again
-    knobs: dict[str, str] = field(default_factory=dict)
+    #: every KSM counter and knob after the writes (KsmSysfs.counters()), read by the engine
+    ksm: dict[str, Any] = field(default_factory=dict)
+    ksmd_pid: Optional[int] = None
+    ksmd_cpu_s: Optional[float] = None  # ksmd's CPU time since boot
 
 
 # --- one tick's data -----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from ..core.ticks import Guest, TickReport, Write, committed_kib
 from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
+from ..kernel.ksmd import Ksmd
 from ..kernel.procfs import OpenFiles
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
@@ -63,6 +64,7 @@ class Daemon:
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
         self.guest_finder = guest_finder or self._make_guest_finder(config.settings)
+        self.ksmd = Ksmd(self.procfs)
         self.dry_run = dry_run
         self.reload_config = reload_config
         self.observers = list(observers)
@@ -158,7 +160,7 @@ class Daemon:
             # the next tick writes again whatever still differs.
             self.npages = decision.npages
             try:
-                report.writes = self.apply(decision, known=report.knobs)
+                report.writes = self.apply(decision)
             finally:
                 self.debug_log.write(tick_lines(decision))
             self._log_change(decision, report.writes)
@@ -176,6 +178,7 @@ class Daemon:
             report.error = f"{type(e).__name__}: {e}"
             self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
+        self._observe_ksm(report)
         self._notify(report)
         for observer in self.observers:
             try:
@@ -183,6 +186,15 @@ class Daemon:
             except Exception:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
         return report
+
+    def _observe_ksm(self, report: TickReport) -> None:
+        """What KSM and ksmd did (counters, ksmd's CPU time), for the observers; never fails the tick."""
+        try:
+            report.ksm = self.sysfs.counters()
+        except KsmtunedError as e:
+            log.debug("KSM counters: %s", e)
+        report.ksmd_cpu_s = self.ksmd.cpu_seconds()
+        report.ksmd_pid = self.ksmd.pid
 
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
@@ -201,12 +213,9 @@ class Daemon:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision, known: dict[str, str] | None = None) -> list[Write]:
+    def apply(self, decision: Decision) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
-
-        ``known`` receives the value each knob now holds, where apply read or wrote it.
         """
-        known = {} if known is None else known
         if decision.run:
             wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
                       ("run", "1")]
@@ -219,8 +228,6 @@ class Daemon:
                     old = self.sysfs.read(name)
                 except KernelInterfaceError:
                     old = None
-                if old is not None:
-                    known[self.sysfs.file(name)] = old
                 if old != value:
                     writes.append(Write(name, old, value))
                     self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
@@ -240,7 +247,6 @@ class Daemon:
                     continue
                 errors.append(e)
                 continue
-            known[self.sysfs.file(name)] = value
             if w is not None:
                 writes.append(w)
         if self._advisor_warned and not self.sysfs.advisor_scanning():

@@ -152,27 +152,22 @@ class KsmSysfs:
         except KernelInterfaceError:
             return False
 
-    def counters(self, known: Mapping[str, str] | None = None) -> dict[str, int | str]:
+    def counters(self) -> dict[str, int | str]:
         """Every counter and knob the kernel offers, as ints where they are numbers
         (advisor_mode: its selected word).
 
-        Read every tick by the state file and metrics, so kept cheap: one open and one read per
-        file, and only the files found present last time (all are probed again after a failure).
-        ``known``: values the caller read or wrote a moment ago, by :meth:`file` path (the
-        daemon's knobs after its writes); those files are not read again.
+        Read every tick (the engine's collect stage, for the state file and metrics): only the
+        files found present last time are read (all are probed again after a failure).
         """
         out: dict[str, int | str] = {}
         failed = False
         prefix = self._prefix
-        known = known or {}
         for name in self._present if self._present is not None else COUNTERS + KNOBS:
-            text = known.get(prefix + name)
-            if text is None:
-                try:
-                    text = _selected(self._read(prefix + name))
-                except OSError:
-                    failed = True
-                    continue
+            try:
+                text = _selected(self._read(prefix + name))
+            except OSError:
+                failed = True
+                continue
             try:
                 out[name] = int(text)
             except ValueError:

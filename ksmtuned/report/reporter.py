@@ -1,9 +1,10 @@
 """After every adjust: the state file, and the Prometheus metrics when configured.
 
 ``make_observers(settings, ...)`` returns the daemon's observers (``daemon.TickReport`` ->
-None).  One :class:`Reporter` collects what the tick itself did not (the KSM counters,
-ksmd's CPU time, each guest's KSM savings) once, into an immutable :class:`TickData`;
-the state file and the metrics are both rendered from it, so an HTTP scrape does nothing but
+None).  No kernel access here: the engine's tick collected everything (the KSM counters,
+ksmd's CPU time, each guest's KSM savings) into the TickReport; one :class:`Reporter` turns it
+into an immutable :class:`TickData` with the daemon's running counts, and the state file and the
+metrics are both rendered from that, so an HTTP scrape does nothing but
 format the last tick's numbers.  prometheus_client is imported only when
 ``KSM_METRICS_LISTEN`` or ``KSM_METRICS_TEXTFILE`` is set.
 """
@@ -21,8 +22,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..core.ticks import DECISION_KINDS, PAGE_SIZE, Guest, GuestData, TickData
-from ..kernel.ksm import DEFAULT_SYSFS, KsmSysfs
-from ..kernel.ksmd import Ksmd
+from ..paths import DEFAULT_PROCFS, DEFAULT_SYSFS
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,11 @@ class Reporter:
                  procfs: Path = Path("/proc"), config_path: str | None = None,
                  clock: Callable[[], float] = time.time):
         self.state_path = Path(state_path) if state_path is not None else None
-        self.sysfs = KsmSysfs(Path(sysfs))
         self.procfs = Path(procfs)
-        self._sysfs_dir, self._procfs_dir = str(self.sysfs.root), str(self.procfs)
+        self._sysfs_dir, self._procfs_dir = str(sysfs), str(self.procfs)
         self._state_file = os.fspath(self.state_path) if self.state_path is not None else None
         self.config_path = str(config_path) if config_path is not None else None
         self.started_s = clock()
-        self.ksmd = Ksmd(self.procfs)
         self.decisions = dict.fromkeys(DECISION_KINDS, 0)
         self.adjusts = 0
         self.adjust_seconds_sum = 0.0
@@ -93,10 +91,10 @@ class Reporter:
         self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
-        ksm = self.sysfs.counters(known=report.knobs)  # the knobs as apply() left them
+        ksm = report.ksm
         limits = report.limits
         guests = tuple(_guest_data(g, settings.ps_metric) for g in report.guests)
-        ksmd_cpu_s = self.ksmd.cpu_seconds()
+        ksmd_cpu_s = report.ksmd_cpu_s
         return TickData(
             time_s=report.time_s, duration_s=report.duration_s, reason=report.reason, error=report.error,
             decision=kind, explain=decision.explain() if decision is not None else f"adjust failed: {report.error}",
@@ -107,7 +105,7 @@ class Reporter:
             committed_kib=report.committed_kib, thres_kib=limits.thres_kib if limits else None,
             free_metric=settings.free_metric, ps_metric=settings.ps_metric,
             interval_s=float(settings.monitor_interval_s), guest_match=tuple(settings.guest_match),
-            ksm=ksm, ksmd_pid=self.ksmd.pid, ksmd_cpu_s=ksmd_cpu_s, guests=guests,
+            ksm=ksm, ksmd_pid=report.ksmd_pid, ksmd_cpu_s=ksmd_cpu_s, guests=guests,
             decisions=dict(self.decisions), adjusts=self.adjusts, adjust_seconds_sum=self.adjust_seconds_sum,
             last_success_s=self.last_success_s,
             writes=tuple({"name": w.name, "old": w.old, "new": w.new} for w in (report.writes or ())),
