@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from . import common
-from .daemons import Ours, has_option
+from .daemons import Ours
 
 RETUNE_TARGET_MS = 60.0
 DEV = "dev venv: "  # prefix of the rows measured in the project's editable venv
@@ -157,7 +157,7 @@ def run(quick: bool, log) -> dict:
         tails = {
             "retune": ["retune"] + pidfile,
             "status": ["status"] + pidfile + ["--sysfs", str(daemon.ksm_dir)]
-            + (["--state-file", str(daemon.state_file)] if has_option("--state-file") else []),
+            + ["--state-file", str(daemon.state_file)],
             "--once --dry-run": ["--once", "--dry-run", "--config", str(daemon.conf), "--sysfs", str(daemon.ksm_dir)],
         }
         cmds: dict[str, tuple[list[str], Path]] = {}

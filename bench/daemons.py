@@ -56,11 +56,6 @@ def blocked_in(pid: int, what: str) -> bool:
     return bool(f) and f[0] == "S"
 
 
-def has_option(option: str) -> bool:
-    """Our command line knows this option (features land in stages)."""
-    return f'"{option}"' in common.read_text(common.REPO / "ksmtuned" / "cli.py")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,8 +159,7 @@ class Ours(Daemon):
     def start(self) -> None:
         argv = common.ours_argv("--foreground", "--force", "--config", str(self.conf), "--pidfile",
                                 str(self.pidfile))
-        if has_option("--state-file"):  # never the shared default /run/ksmtuned/state.json
-            argv += ["--state-file", str(self.state_file)]
+        argv += ["--state-file", str(self.state_file)]  # never the shared default /run/ksmtuned/state.json
         if self.fake_ksm:
             argv += ["--sysfs", str(self.ksm_dir)]
         self.proc = subprocess.Popen(argv, cwd=common.REPO, env=dict(common.DAEMON_ENV),

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 from . import __version__
 from .errors import ExitCode, KsmtunedError
-from .paths import (DEFAULT_CONFIG, DEFAULT_KSM_DEFAULTS, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
-                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, Paths)
+from .paths import (DEFAULT_CONFIG, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
+                    DEFAULT_STATE_FILE, DEFAULT_SYSFS, KSM_DEFAULTS_FILES, Paths)
 
 
 def _common(p: argparse.ArgumentParser, suppress: bool) -> None:
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every setting in force, with where it came from (file:line, environment, "
                                    "default). Exit 78 when the config is invalid or unsafe.")
     _common(c, suppress=True)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
     g = sub.add_parser("guests", help="list the processes counted as guests",
                        description="List the processes KSM_GUEST_MATCH counts as guests, with the memory the "
                                    "daemon counts for each as committed.")
@@ -108,13 +109,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
-            return check_config.main(paths)
+            return check_config.main(paths, as_json=args.json)
         if args.command == "guests":
             from .commands import guests
 
@@ -144,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def build_ksmctl_parser() -> argparse.ArgumentParser:
-    """ksmctl's command line."""
+    """ksmctl's command line (also the source of its bash completion: tools/gen-completion.py)."""
     p = argparse.ArgumentParser(
         prog="ksmctl", description="Start or stop the kernel's KSM (what ksm.service runs). "
         "start: max_kernel_pages (old kernels only), then run=1. stop: run=0, merged pages stay merged; "
@@ -156,8 +160,9 @@ def build_ksmctl_parser() -> argparse.ArgumentParser:
                         "would not hold them")
     p.add_argument("--sysfs", metavar="DIR", default=DEFAULT_SYSFS)
     p.add_argument("--procfs", metavar="DIR", default=DEFAULT_PROCFS)
-    p.add_argument("--defaults", metavar="PATH", default=DEFAULT_KSM_DEFAULTS,
-                   help=f"file with KSM_MAX_KERNEL_PAGES (default {DEFAULT_KSM_DEFAULTS})")
+    p.add_argument("--defaults", metavar="PATH", default=None,
+                   help="file with KSM_MAX_KERNEL_PAGES (default: the first of "
+                        f"{' and '.join(KSM_DEFAULTS_FILES)} that exists)")
     return p
 
 
@@ -167,10 +172,11 @@ def ksmctl_main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.unmerge and args.action != "stop":
         p.error("--unmerge goes with stop")  # exits 2
+    defaults = (args.defaults,) if args.defaults else KSM_DEFAULTS_FILES
     from .commands import ksmctl
 
     try:
-        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=args.defaults,
+        return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
                            unmerge_pages=args.unmerge)
     except KsmtunedError as e:
         print(f"ksmctl: {e}", file=sys.stderr)

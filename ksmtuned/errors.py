@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     NOT_RUNNING = 3  # `retune`: no verified ksmtuned daemon runs (`status` still exits 0 and says so)
     ALREADY_RUNNING = 4  # another ksmtuned holds the pid file lock
     CHECK_FAILED = 5  # `check` ran and a host check failed (a crash of `check` is 1)
+    DATA = 65  # EX_DATAERR: `status`: the state file is not a ksmtuned state file (truncated, planted, foreign)
     UNAVAILABLE = 69  # EX_UNAVAILABLE: this kernel has no KSM
     NO_PERMISSION = 77  # EX_NOPERM: must run as root
     CONFIG = 78  # EX_CONFIG: the configuration is invalid or unsafe
@@ -27,10 +28,6 @@ class KsmtunedError(Exception):
     """Base of every error ksmtuned reports to a user."""
 
     exit_code: ExitCode = ExitCode.SOFTWARE
-
-
-class UsageError(KsmtunedError):
-    exit_code = ExitCode.USAGE
 
 
 class ConfigError(KsmtunedError):
@@ -58,6 +55,13 @@ class KsmUnavailableError(KernelInterfaceError):
 
 class KsmPermissionError(KernelInterfaceError):
     exit_code = ExitCode.NO_PERMISSION
+
+
+class StateFileError(KsmtunedError):
+    """The state file exists but is not one ksmtuned wrote: not a regular file, too large, not
+    JSON, or not the documented layout.  The message is one line naming the file."""
+
+    exit_code = ExitCode.DATA
 
 
 class NotRunningError(KsmtunedError):

@@ -14,8 +14,10 @@ DEFAULT_RUN_DIR = "/run"  # libvirt's qemu/*.pid and Proxmox's qemu-server/*.pid
 #: the old daemon's name ("ksmtune"), kept for drop-in compatibility
 DEFAULT_PIDFILE = "/var/run/ksmtune.pid"
 DEFAULT_STATE_FILE = "/run/ksmtuned/state.json"
-#: where ksm.service's KSM_MAX_KERNEL_PAGES is kept
+#: where ksm.service's KSM_MAX_KERNEL_PAGES is kept: Debian's file, then Red Hat's (its own
+#: ksm.service reads /etc/sysconfig/ksm); `ksmctl start` reads the first of them that exists
 DEFAULT_KSM_DEFAULTS = "/etc/default/ksm"
+KSM_DEFAULTS_FILES = (DEFAULT_KSM_DEFAULTS, "/etc/sysconfig/ksm")
 DEFAULT_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 
 

@@ -30,6 +30,7 @@ class DaemonProc:
         self.conf = tmp / "ksmtuned.conf"
         self.log = tmp / "ksmtuned.log"
         self.pidfile = tmp / "ksmtune.pid"
+        self.state = tmp / "state.json"  # never the machine's /run/ksmtuned/state.json
         self.stderr = tmp / "stderr"
         if debug_log:
             config = f"DEBUG=1\nLOGFILE={self.log}\n" + config
@@ -44,7 +45,8 @@ class DaemonProc:
 
     def start(self, wait_ticks: int = 1) -> "DaemonProc":
         self._err = open(self.stderr, "w")
-        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *self.extra),
+        state = [] if "--state-file" in self.extra else ["--state-file", str(self.state)]
+        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *state, *self.extra),
                                      stdout=subprocess.DEVNULL, stderr=self._err)
         if wait_ticks:
             self.wait_ticks(wait_ticks)

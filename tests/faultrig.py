@@ -17,13 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-def _has_state_file_option() -> bool:
-    from ksmtuned.cli import build_parser
-
-    return "--state-file" in build_parser().format_help()
-
-
-HAS_STATE_FILE = _has_state_file_option()
 GIB_KIB = 1024 * 1024
 TOTAL_KIB = 16 * GIB_KIB  # threshold at the default KSM_THRES_COEF=20: 3,355,443 kB
 
@@ -119,8 +112,8 @@ class Daemon:
         write_atomic(self.config, conf)
         self.stderr_path = self.base / "stderr"
         self.stdout_path = self.base / "stdout"
-        # the state file (issue 4) goes with the rest, never to the machine's /run/ksmtuned
-        self.state_file: Path | None = self.base / "state.json" if HAS_STATE_FILE else None
+        # the state file goes with the rest, never to the machine's /run/ksmtuned
+        self.state_file = self.base / "state.json"
         self.extra_args = list(extra_args)
         self.prefix = list(prefix)
         self.force = force
@@ -138,7 +131,7 @@ class Daemon:
             argv.append("--force")
         if self.procfs is not None:
             argv += ["--procfs", str(self.procfs)]
-        if self.state_file is not None and "--state-file" not in self.extra_args:
+        if "--state-file" not in self.extra_args:
             argv += ["--state-file", str(self.state_file)]
         return argv + self.extra_args
 

@@ -82,7 +82,7 @@ class Daemon:
     def read_state(self) -> dict | None:
         try:
             return json.loads(self.state.read_bytes())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, RecursionError):
             return None  # not written yet (or a planted file that is not ours)
 
     def wait_adjusts(self, n: int, timeout_s: float = 20.0) -> dict:

@@ -171,6 +171,8 @@ def test_a_host_within_the_guide(crafted):
     assert v["ksm"] == "pass" and v["thp_mode"] == "pass" and v["thp_guests"] == "pass" and v["advisor"] == "pass"
     if not SYSTEMD_BOOTED:
         assert v["services"] == "warn"  # no ksmtuned runs on this crafted host
+    else:  # systemd answers for this machine's units: whatever they are, nothing fails
+        assert v["services"] in ("pass", "warn")
     assert rc == 0 and rep["ok"] is True
     assert rep["summary"]["fail"] == 0 and sum(rep["summary"].values()) == len(rep["checks"])
     guests = {g["name"]: g for g in rep["host"]["guests"]}

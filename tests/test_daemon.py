@@ -266,42 +266,31 @@ def test_log_reopened_after_rotation(tmp_path):
         assert rotated.read_text().count("committed") == 1
 
 
-def test_the_running_daemon_maps_no_heavy_library(tmp_path):
-    """Issue 5's memory budget (< 25 MB RSS): the resident process loads neither pydantic nor
-    importlib.metadata (which pydantic's plugin loader pulls in) nor prometheus_client when no
-    metrics are configured.  Checked in the live process: its mapped files and its modules."""
+def test_the_running_daemon_loads_prometheus_client_only_for_metrics(tmp_path):
+    """prometheus_client is imported only when KSM_METRICS_LISTEN or KSM_METRICS_TEXTFILE is set.
+    (The memory budget itself, at most 40 MiB resident with metrics off and 50 MiB with them on,
+    pydantic and psutil included, is measured in bench/, not asserted here: issue 10.)"""
     with DaemonProc(tmp_path) as d:
         d.signal(signal.SIGUSR1)
         d.wait_ticks(2)
         maps = Path(f"/proc/{d.pid}/maps").read_text()
-        assert "pydantic" not in maps and "prometheus" not in maps
-        # and the modules behind that process: what importing them all pulls in
+        assert "prometheus" not in maps
         code = ("import sys, ksmtuned.cli, ksmtuned.engine.daemon, ksmtuned.report.reporter, ksmtuned.core.config\n"
-                "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                "('pydantic', 'pydantic_core', 'prometheus_client', 'email') or m == 'importlib.metadata'))")
+                "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prometheus_client'))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-def test_descriptors_kept_open_do_not_grow_with_ticks(tmp_path):
-    """The daemon keeps /proc files it reads every tick open; the count stays flat."""
+def test_descriptors_do_not_grow_with_ticks(tmp_path):
+    """Nothing the daemon reads each tick stays open: its descriptors are the same after 20 ticks."""
     with DaemonProc(tmp_path, PRESSURE) as d:
-        def fds():
-            # the kept-open kernel files; a descriptor that closes between listdir and readlink (the
-            # state file's temp file, written after the tick's log line) is not one of them
-            found = []
-            for n in os.listdir(f"/proc/{d.pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{d.pid}/fd/{n}")
-                except FileNotFoundError:
-                    continue
-                if target.startswith(("/proc/", "/sys/")):
-                    found.append(target)
-            return sorted(found)
+        def fds():  # (the state file's temp file is open while a tick, counted by its log line, ends)
+            return sorted(link for link in (os.readlink(f"/proc/{d.pid}/fd/{n}") for n in os.listdir(f"/proc/{d.pid}/fd"))
+                          if not link.startswith(str(d.state.parent / ".state.json.")))
         d.signal(signal.SIGUSR1)
         d.wait_ticks(2)
         first = fds()
-        assert "/proc/meminfo" in first and "/proc/loadavg" in first
+        assert not [f for f in first if f.startswith("/proc/")], first
         for n in range(3, 23):
             d.signal(signal.SIGUSR1)
             d.wait_ticks(n)

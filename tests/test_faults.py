@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultrig import (
-    HAS_STATE_FILE, BOOST, GIB_KIB, STOP, TOTAL_KIB, Daemon, make_procfs, make_sysfs, meminfo_text, read_text, wait_until,
+    BOOST, GIB_KIB, STOP, TOTAL_KIB, Daemon, make_procfs, make_sysfs, meminfo_text, read_text, wait_until,
     write_atomic,
 )
 
@@ -308,11 +308,9 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-needs_state = pytest.mark.skipif(not HAS_STATE_FILE, reason="no --state-file (issue 4) to see which guests a tick counted")
 
 
 @pytest.mark.slow
-@needs_state
 def test_two_thousand_guests_appear_at_once_and_are_killed_mid_scan(tmp_path):
     """Real /proc: 2,000 processes named qemu-kvm appear, are counted, then killed while the daemon
     scans every 0.02 s (so most die in the middle of a scan)."""
@@ -344,7 +342,6 @@ def test_two_thousand_guests_appear_at_once_and_are_killed_mid_scan(tmp_path):
 
 
 @pytest.mark.slow
-@needs_state
 def test_short_lived_guests_churning_for_three_seconds(tmp_path):
     qemu = _fake_qemu(tmp_path)
     d = Daemon(tmp_path, interval_s=0.02, procfs=None).start()
@@ -362,7 +359,6 @@ def test_short_lived_guests_churning_for_three_seconds(tmp_path):
 
 
 @root
-@needs_state
 def test_guest_pids_reused_by_other_processes(tmp_path):
     """Kill guests, then start plain sleeps on the same pids (ns_last_pid): they are not guests."""
     qemu = _fake_qemu(tmp_path)
@@ -608,7 +604,7 @@ def _kill_9_rounds(tmp_path: Path, rounds: int, sysfs: Path, allowed_pages: set[
         d.proc.wait()
         bad = _knob_problems(sysfs, allowed_pages | ({""} if empty_ok else set()), allowed_sleep)
         assert not bad, f"round {i}: {bad}"
-        if d.state_file is not None and d.state_file.exists():
+        if d.state_file.exists():
             doc = json.loads(d.state_file.read_text())  # whole: it parses
             assert doc["schema"] == 1 and doc["daemon"]["pid"] < 2**22
             state_checked += 1
@@ -618,9 +614,8 @@ def _kill_9_rounds(tmp_path: Path, rounds: int, sysfs: Path, allowed_pages: set[
         d.wait_ticks(3)
         assert d.stop() == 0
         assert not d.pidfile.exists()
-    if d.state_file is not None:
-        leftovers = [p.name for p in base.iterdir() if p.name.startswith(".state.json.")]
-        assert not leftovers, leftovers  # temp files of killed daemons are removed at start
+    leftovers = [p.name for p in base.iterdir() if p.name.startswith(".state.json.")]
+    assert not leftovers, leftovers  # temp files of killed daemons are removed at start
     return state_checked
 
 
@@ -631,10 +626,7 @@ def test_kill_9_at_random_moments_100_times_then_restart(tmp_path):
     real-KSM test below checks that): empty is the one allowed stand-in artifact here."""
     sysfs = make_sysfs(tmp_path / "ksm")
     state_checked = _kill_9_rounds(tmp_path, 100, sysfs, NPAGES | {"100"}, {"20", "10"}, empty_ok=True)
-    if HAS_STATE_FILE:
-        assert state_checked >= 50
-    else:
-        pytest.xfail("no state file yet (issue 4): its wholeness was not checked")
+    assert state_checked >= 50
 
 
 @pytest.mark.ksm

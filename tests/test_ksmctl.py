@@ -65,6 +65,54 @@ def test_usage_is_2():
     assert ksmctl("restart").returncode == 2
 
 
+# --- where KSM_MAX_KERNEL_PAGES lives: /etc/default/ksm (Debian), /etc/sysconfig/ksm (Red Hat) ---
+
+def test_the_default_files_are_debians_then_red_hats():
+    from ksmtuned.cli import build_ksmctl_parser
+    from ksmtuned.paths import KSM_DEFAULTS_FILES
+
+    assert KSM_DEFAULTS_FILES == ("/etc/default/ksm", "/etc/sysconfig/ksm")
+    assert build_ksmctl_parser().parse_args(["start"]).defaults is None  # None: both, in that order
+
+
+@pytest.mark.parametrize("debian,redhat,expected", [
+    (None, "KSM_MAX_KERNEL_PAGES=3000\n", "3000"),  # a RHEL host: only /etc/sysconfig/ksm
+    ("KSM_MAX_KERNEL_PAGES=2000\n", "KSM_MAX_KERNEL_PAGES=3000\n", "2000"),  # the first that exists
+    ("# nothing set\n", "KSM_MAX_KERNEL_PAGES=3000\n", None),  # it exists: not merged with the other
+    (None, None, None),  # neither: half of RAM
+])
+def test_start_reads_the_first_defaults_file_that_exists(tmp_path, monkeypatch, debian, redhat, expected):
+    from ksmtuned.commands import ksmctl as command
+
+    monkeypatch.delenv("KSM_MAX_KERNEL_PAGES", raising=False)
+    ksm = fake_ksm_dir(tmp_path)
+    (ksm / "max_kernel_pages").write_text("0\n")
+    files = []
+    for name, text in (("default-ksm", debian), ("sysconfig-ksm", redhat)):
+        files.append(str(tmp_path / name))
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    assert command.main("start", sysfs=str(ksm), procfs="/proc", defaults=files) == 0
+    if expected is None:
+        expected = str(int(open("/proc/meminfo").readline().split()[1]) // 4 // 2)
+    assert (ksm / "max_kernel_pages").read_text() == expected
+    assert (ksm / "run").read_text() == "1"
+
+
+def test_a_bad_value_in_sysconfig_names_that_file(tmp_path, monkeypatch):
+    from ksmtuned.commands import ksmctl as command
+    from ksmtuned.errors import ConfigError
+
+    monkeypatch.delenv("KSM_MAX_KERNEL_PAGES", raising=False)
+    ksm = fake_ksm_dir(tmp_path)
+    (ksm / "max_kernel_pages").write_text("0\n")
+    (tmp_path / "sysconfig-ksm").write_text("KSM_MAX_KERNEL_PAGES=lots\n")
+    with pytest.raises(ConfigError, match=f"^{tmp_path}/sysconfig-ksm: KSM_MAX_KERNEL_PAGES: expected an integer"):
+        command.main("start", sysfs=str(ksm), procfs="/proc",
+                     defaults=[str(tmp_path / "default-ksm"), str(tmp_path / "sysconfig-ksm")])
+    assert (ksm / "run").read_text().strip() == "0"
+
+
 # --- stop --unmerge ----------------------------------------------------------------------------
 
 def fake_meminfo(tmp_path, available_kib: int):

@@ -94,6 +94,9 @@ def test_http_scrape_and_textfile_match_sysfs(tmp_path):
     assert value(smp, "ksmtuned_running") == 1
     if st["ksmd"]["pid"] is not None:
         assert value(smp, "ksmtuned_ksmd_cpu_seconds_total") == pytest.approx(st["ksmd"]["cpu_seconds"])
+    else:  # no ksmd thread: a kernel without KSM, and then no such sample
+        assert not Path("/sys/kernel/mm/ksm").exists()
+        assert not any(name == "ksmtuned_ksmd_cpu_seconds_total" for name, _ in smp)
     # per guest, labelled by the guest's name
     labels = (("guest", "metricsguest"), ("pid", str(gpid)))
     assert smp[("ksmtuned_guest_memory_bytes", labels)] > 0
@@ -101,6 +104,9 @@ def test_http_scrape_and_textfile_match_sysfs(tmp_path):
     assert mine and smp[("ksmtuned_guest_memory_bytes", labels)] == mine[0]["memory_kib"] * 1024
     if mine[0]["ksm_merging_pages"] is not None:  # kernel >= 6.1
         assert smp[("ksmtuned_guest_ksm_merging_bytes", labels)] == mine[0]["ksm_merging_pages"] * PAGE
+    else:  # no /proc/PID/ksm_stat: no per-guest KSM sample
+        assert not Path(f"/proc/{gpid}/ksm_stat").exists()
+        assert ("ksmtuned_guest_ksm_merging_bytes", labels) not in smp
 
 
 def stat_mode(path: Path) -> int:

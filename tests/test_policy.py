@@ -3,7 +3,7 @@
 import pytest
 
 from ksmtuned.core.policy import (
-    Branch, Limits, Sample, Tuning, bash_div, clamp_npages, decide, limits_for, sleep_ms_for,
+    Branch, Sample, Tuning, bash_div, clamp_npages, decide, limits_for, sleep_ms_for,
     start_lines, thres_kib_for, tick_lines,
 )
 
@@ -125,7 +125,37 @@ def test_debug_lines_are_the_old_daemons():
                                     "KSMCTL start 250 10"]
 
 
-def test_decide_is_pure():
-    s = Sample(0, 0)
-    assert decide(s, 0, L16, T) == decide(s, 0, L16, T)
-    assert isinstance(L16, Limits)
+PURITY_PROBE = """
+import logging, sys, time
+from ksmtuned.core import policy as p
+
+def clock(*args):
+    raise AssertionError("the policy read the clock")
+
+for name in ("time", "time_ns", "monotonic", "monotonic_ns", "perf_counter", "process_time", "sleep"):
+    setattr(time, name, clock)
+logging.Logger.handle = lambda self, record: sys.exit(f"the policy logged: {record.getMessage()}")
+io = []
+# every file, process, socket or terminal operation Python audits (PEP 578)
+sys.addaudithook(lambda event, args: io.append(event) if event.split(".")[0] in
+                 ("open", "os", "socket", "subprocess", "shutil", "fcntl", "syslog", "time", "sys") else None)
+T = p.Tuning()
+for total_kib in (1024 * 1024, 16 * 1024 * 1024):
+    limits = p.limits_for(total_kib, T)
+    p.start_lines(limits)
+    for free_kib in (0, limits.thres_kib - 1, limits.thres_kib, total_kib):
+        for committed_kib in (0, total_kib):
+            for npages in (0, 64, 1250, 5000):
+                p.tick_lines(p.decide(p.Sample(free_kib, committed_kib), npages, limits, T))
+print(io)
+"""
+
+
+def test_the_control_law_does_no_io_reads_no_clock_and_logs_nothing():
+    """Run every branch with the clock and logging booby-trapped and an audit hook watching for
+    I/O: any file, process, socket or clock use in core/policy fails this test."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", PURITY_PROBE], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

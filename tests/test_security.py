@@ -20,7 +20,7 @@ import pytest
 
 from ksmtuned.core.config import parse_listen, Settings
 from tests.conftest import REPO
-from tests.faultrig import HAS_STATE_FILE, Daemon, make_procfs, make_sysfs, read_text, wait_until, write_atomic
+from tests.faultrig import Daemon, make_procfs, make_sysfs, read_text, wait_until, write_atomic
 
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (file ownership, other users)")
 KSMTUNED = [sys.executable, "-m", "ksmtuned"]
@@ -269,7 +269,6 @@ def test_log_file_through_a_planted_link_is_refused_and_the_daemon_carries_on(tm
 
 
 @root
-@pytest.mark.skipif(not HAS_STATE_FILE, reason="no --state-file yet (issue 4)")
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])
 def test_state_file_through_a_planted_link_leaves_the_target_alone(tmp_path, sticky_dir, kind):
     target, content = _target(tmp_path)
@@ -288,7 +287,6 @@ def test_state_file_through_a_planted_link_leaves_the_target_alone(tmp_path, sti
 
 
 @root
-@pytest.mark.skipif(not HAS_STATE_FILE, reason="no --state-file yet (issue 4)")
 def test_state_temp_names_planted_by_another_user_are_not_written_through(tmp_path, sticky_dir):
     """The temp file's name is predictable (.state.json.PID.tmp): nobody plants a symlink there.
     The daemon removes what it finds under that name and creates its own with O_EXCL|O_NOFOLLOW."""
@@ -400,7 +398,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not (REPO / "ksmtuned" / "metrics.py").exists(), reason="no metrics server yet (issue 4)")
 def test_metrics_server_binds_loopback_only_for_a_bare_port(tmp_path):
     pytest.importorskip("prometheus_client")
     port = _free_port()

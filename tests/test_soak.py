@@ -66,19 +66,13 @@ def quiet_ksmtuned_log():
         sink.close()
 
 
-def _has_report() -> bool:
-    try:
-        import ksmtuned.report.reporter  # noqa: F401
-    except ImportError:
-        return False
-    return Path("/dev/shm").is_dir()
 
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("with_state", [
     False,
-    pytest.param(True, marks=[pytest.mark.skipif(not _has_report(), reason="no state-file observer (issue 4)")])],
+    pytest.param(True, marks=[pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm (tmpfs) for the state file")])],
     ids=["loop", "loop+state-file"])
 def test_100k_adjusts_grow_rss_by_less_than_1_mib_and_leak_no_fd(tmp_path, with_state):
     """loop: the daemon as --foreground runs it without its observers, 100,000 adjusts.

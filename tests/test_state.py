@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import stat
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from ksmtuned.errors import StateFileError
 from ksmtuned.report.state import HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, read_state, remove_stale_temps
 from tests.report_support import Daemon, FAKE_KSM, read_sysfs, running
 
@@ -66,15 +67,23 @@ def test_stale_temps_of_dead_processes_are_removed_live_ones_kept(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [".other.json.1.0.tmp", f".state.json.{os.getppid()}.0.tmp"]
 
 
-def test_read_state_rejects_other_schema_and_garbage(tmp_path):
+def test_read_state_refuses_other_schema_and_garbage_with_one_line(tmp_path):
     p = tmp_path / "s.json"
-    p.write_text('{"schema": 999}')
-    assert read_state(p) is None
-    p.write_text('{"schema": 1, "history": [')
-    assert read_state(p) is None
-    assert read_history(p) == []
+    assert read_state(p) is None  # no file: no state
+    for text, why in [('{"schema": 999}', "schema: Input should be 1"),
+                      ('{"schema": 1, "history": [', "Invalid JSON: EOF"),
+                      ("[]", "Input should be an object")]:
+        p.write_text(text)
+        with pytest.raises(StateFileError, match=re.escape(why)) as e:
+            read_state(p)
+        assert str(e.value).startswith(f"{p}: ") and "\n" not in str(e.value)
+        assert e.value.exit_code == 65
+        assert read_history(p) == []  # the daemon's start: logged, ignored
+    # the history alone is what the start reads of a previous file; one bad entry refuses it all
+    p.write_text(json.dumps({"schema": STATE_SCHEMA, "history": [{"t": 1.0}, {"t": 2.0, "npages": 5}]}))
+    assert [h.t for h in read_history(p)] == [1.0, 2.0] and read_history(p)[1].npages == 5
     p.write_text(json.dumps({"schema": STATE_SCHEMA, "history": [{"t": 1.0}, "junk", {"x": 1}]}))
-    assert read_history(p) == [{"t": 1.0}]
+    assert read_history(p) == []
 
 
 # --- a real daemon ---------------------------------------------------------------------------
@@ -105,6 +114,8 @@ def test_state_file_content_after_a_tick(tmp_path):
         assert h["profit_bytes"] == int(FAKE_KSM["general_profit"])
         if st["ksmd"]["pid"] is not None:  # a kernel with KSM: ksmd's CPU time is tracked
             assert isinstance(h["ksmd_cpu_s"], float)
+        else:  # no ksmd thread only on a kernel without KSM
+            assert not Path("/sys/kernel/mm/ksm").exists() and h["ksmd_cpu_s"] is None
         # SIGUSR1: one more tick, recorded as a retune
         os.kill(d.proc.pid, signal.SIGUSR1)
         st = d.wait_adjusts(2)

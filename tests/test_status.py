@@ -221,3 +221,20 @@ def test_counter_reader_drops_and_refinds_files(tmp_path):
     assert reader.counters() == read_sysfs(d)
     (d / "pages_volatile").write_text("5\n")  # and found again after the re-probe
     assert reader.counters()["pages_volatile"] == 5
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run status as nobody")
+def test_status_on_a_ksm_directory_it_may_not_look_into_is_one_line_and_77(tmp_path):
+    """Path.exists() raises on EACCES: it was a traceback."""
+    from tests.report_support import fake_ksm_dir
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)  # tmp_path itself is 0700 too: nobody cannot look into either
+    sysfs = fake_ksm_dir(hidden)
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", sys.executable,
+                        "-m", "ksmtuned", "status", "--sysfs", str(sysfs), "--pidfile", "/nonexistent/ksmtune.pid",
+                        "--state-file", "/nonexistent/state.json"], capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 77 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.splitlines() == [f"ksmtuned: {sysfs}/run: permission denied while trying to look up: "
+                                     "must run as root"]

@@ -98,8 +98,11 @@ def installed_text(name: str) -> str:
 
 def verify_problems(unit_dir: Path, names: list[str]) -> tuple[int, list[str]]:
     """Run systemd-analyze verify; its exit status and every output line about our units."""
+    # verify runs `man` for each Documentation=man:...: the checkout's pages (man/man8, man/man5),
+    # as the packages install them
+    env = {**os.environ, "MANPATH": str(REPO / "man")}
     r = subprocess.run([SYSTEMD_ANALYZE, "verify", *(str(unit_dir / n) for n in names)],
-                       capture_output=True, text=True, timeout=60, cwd=unit_dir)
+                       capture_output=True, text=True, timeout=60, cwd=unit_dir, env=env)
     ours = [line for line in (r.stdout + r.stderr).splitlines()
             if any(n in line for n in names) or str(unit_dir) in line]
     return r.returncode, ours

@@ -1,19 +1,34 @@
-"""``ksmtuned check-config``: the effective settings and where each came from."""
+"""``ksmtuned check-config [--json]``: the effective settings and where each came from.
+
+``--json`` prints a CheckConfigDocument (docs/schemas/check-config.json): the settings by their
+ksmtuned.conf keys, the source of each, and the warnings.  An invalid config is the same one
+line per bad value on stderr and exit 78 either way.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
 
-from ..core.config import KEYS
+from ..core.config import KEYS, LoadedConfig
+from ..core.documents import CheckConfigDocument
 from ..errors import ExitCode
 from ..paths import Paths
 from ..service.config_file import load
 
 
-def main(paths: Paths) -> int:
+def document(loaded: LoadedConfig) -> CheckConfigDocument:
+    return CheckConfigDocument(config_file=loaded.path, file_found=loaded.file_found, settings=loaded.settings,
+                               sources=dict(loaded.sources), warnings=list(loaded.warnings))
+
+
+def main(paths: Paths, as_json: bool = False) -> int:
     loaded = load(paths)
     for w in loaded.warnings:
         print(f"ksmtuned: warning: {w}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(document(loaded).model_dump(mode="json", by_alias=True), indent=2))
+        return ExitCode.OK
     if not loaded.file_found:
         print(f"# {loaded.path} not found: defaults and environment only")
     else:

@@ -2,15 +2,14 @@
 
 Reads the same settings as the daemon (KSM_GUEST_MATCH, KSM_PS_METRIC), so what it lists is
 what the daemon counts.  It reads ``smaps_rollup`` for every guest (PSS and THP), which the
-daemon avoids each tick.
+daemon avoids each tick.  ``--json`` prints a GuestsDocument (docs/schemas/guests.json).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from pathlib import Path
 
+from ..core.documents import GuestEntry, GuestsDocument
 from ..core.ticks import committed_kib
 from ..engine.guests import GuestFinder
 from ..errors import ExitCode
@@ -22,31 +21,28 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f}"
 
 
-def guest_dict(g) -> dict:
-    d = dataclasses.asdict(g)
-    d["cmdline"] = list(g.cmdline)
-    d["matchers"] = list(g.matchers)
-    d["ksm_saved_kib"] = g.ksm_saved_kib
-    d["thp_warning"] = g.thp_warning
-    return d
-
-
 def render_table(guests, metric: str, matchers) -> str:
-    rows = [("PID", "NAME", "MATCHER", "RSS MiB", "PSS MiB", "VSZ MiB", "THP MiB", "KSM saved MiB", "KSM profit MiB")]
+    rows = [("PID", "NAME", "MATCHER", "USER", "RSS MiB", "PSS MiB", "VSZ MiB", "THP MiB", "KSM saved MiB", "KSM profit MiB")]
     for g in guests:
         rows.append((
-            str(g.pid), g.name if g.name_known else f"({g.name})", ",".join(g.matchers), _mib(g.rss_kib),
+            str(g.pid), g.name if g.name_known else f"({g.name})", ",".join(g.matchers),
+            (g.user or "?") + ("" if g.trusted else " *"), _mib(g.rss_kib),
             _mib(g.pss_kib), _mib(g.vsz_kib), _mib(g.thp_kib) + (" !" if g.thp_warning else ""),
             _mib(g.ksm_saved_kib),
             "-" if g.ksm_profit_bytes is None else f"{g.ksm_profit_bytes / 1048576:.1f}",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    left = {1, 2}
+    left = {1, 2, 3}
     lines = ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
+    counted = [g for g in guests if g.trusted]
     lines.append(
-        f"{len(guests)} guest(s) by {','.join(matchers)}; committed ({metric}): {committed_kib(guests, metric)} kB"
+        f"{len(counted)} guest(s) by {','.join(matchers)}; committed ({metric}): {committed_kib(guests, metric)} kB"
     )
+    untrusted = [g for g in guests if not g.trusted]
+    if untrusted:
+        lines.append(f"* {len(untrusted)} guest-looking process(es) of unprivileged users, not counted "
+                     "(KSM_GUEST_TRUST, docs/security.md)")
     warned = [g for g in guests if g.thp_warning]
     for g in warned:
         lines.append(f"! {g.name} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
@@ -58,16 +54,15 @@ def render_table(guests, metric: str, matchers) -> str:
 
 def main(paths: Paths, as_json: bool = False) -> int:
     loaded = load(paths)
-    finder = GuestFinder.from_settings(loaded.settings, procfs=Path(paths.procfs), run_dir=Path(paths.run_dir))
+    finder = GuestFinder.from_settings(loaded.settings, run_dir=paths.run_dir)
     guests = finder.scan(details=True)
     metric = loaded.settings.ps_metric
     if as_json:
-        print(json.dumps({
-            "matchers": list(finder.matcher_names),
-            "metric": metric,
-            "committed_kib": committed_kib(guests, metric),
-            "guests": [guest_dict(g) for g in guests],
-        }, indent=2))
+        doc = GuestsDocument(matchers=list(finder.matcher_names), metric=metric, trust=list(finder.trust),
+                             untrusted=sum(1 for g in guests if not g.trusted),
+                             committed_kib=committed_kib(guests, metric),
+                             guests=[GuestEntry.model_validate(g) for g in guests])
+        print(json.dumps(doc.model_dump(mode="json", by_alias=True), indent=2))
         return ExitCode.OK
     print(render_table(guests, metric, finder.matcher_names))
     return ExitCode.OK

@@ -34,7 +34,7 @@ def main(paths: Paths, foreground: bool = False, debug: bool = False, once: bool
     sysfs.preflight(need_write=not dry_run)
     total_kib(read_meminfo(procfs / "meminfo"), str(procfs / "meminfo"))  # fail early on a bad meminfo
     if not force and not dry_run and not once:
-        others = other_tuners(procfs)
+        others = other_tuners()
         if others:
             raise AlreadyRunningError(
                 "another KSM tuner is running: " + ", ".join(f"{name} (pid {pid})" for pid, name in others)

@@ -2,8 +2,11 @@
 
 The KSM counters are read live from the KSM directory; the daemon's last decision, its
 inputs and the history (savings, ksmd CPU) come from the state file the daemon replaces after
-every adjust.  Without a running daemon it shows the counters only, and says so.  The JSON
-layout is an API: README "ksmtuned status" documents it; keys are only ever added.
+every adjust, read through its model: a state file that is not one (truncated, planted, a
+FIFO, NaN, nested 100k deep) is one line on stderr and exit 65, never a traceback.  Without a
+running daemon it shows the counters only, and says so.  The JSON layout is an API, the model
+:class:`ksmtuned.core.documents.StatusDocument` (docs/documents.md, docs/schemas/status.json);
+keys are only ever added.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.documents import StatusDocument
 from ..core.ticks import PAGE_SIZE
 from ..errors import ExitCode, NotRunningError
 from ..kernel.ksm import KsmSysfs
-from ..kernel.ksmd import Ksmd, process_age_s
+from ..kernel import processes
+from ..kernel.ksmd import Ksmd
 from ..paths import Paths
 from ..report.state import read_state
 from ..service.config_file import pidfile_in_force
 from ..service.pidfile import running_daemon
 
-STATUS_SCHEMA = 1
 #: ksmd's "recent" CPU use is measured over at most this many of the last ticks.
 RECENT_TICKS = 10
 SPARK_WIDTH = 60
@@ -32,8 +36,9 @@ ASCII_SPARKS = " .:-=+*#%@"
 
 
 def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Path,
-                   now_s: float | None = None) -> dict[str, Any]:
-    """Everything `status` shows, as the documented JSON object."""
+                   now_s: float | None = None) -> StatusDocument:
+    """Everything `status` shows, as the documented JSON document.  Raises StateFileError
+    for a state file that is not one."""
     now_s = time.time() if now_s is None else now_s
     try:
         pid: int | None = running_daemon(pidfile, procfs)
@@ -43,8 +48,9 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
     sysfs = KsmSysfs(sysfs_root)
     ksm_present = sysfs.has("run")
     counters = sysfs.counters() if ksm_present else {}
-    state = read_state(state_path)
-    if state is not None and (pid is None or (state.get("daemon") or {}).get("pid") != pid):
+    document = read_state(state_path)
+    state = document.model_dump(by_alias=True) if document is not None else None
+    if state is not None and (pid is None or state["daemon"]["pid"] != pid):
         state = None  # a file left by a daemon that is gone is not this daemon's state
     ksmd = Ksmd(procfs)
     cpu_s = ksmd.cpu_seconds()
@@ -55,12 +61,11 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
     profit = counters.get("general_profit")
     daemon_info = (state or {}).get("daemon") or {}
     out: dict[str, Any] = {
-        "schema": STATUS_SCHEMA,
         "time": round(now_s, 3),
         "daemon": {
             "running": pid is not None,
             "pid": pid,
-            "uptime_s": _round(process_age_s(procfs, pid)) if pid is not None else None,
+            "uptime_s": _round(processes.age_s(pid)) if pid is not None else None,
             "config_file": daemon_info.get("config_file"),
             "version": daemon_info.get("version"),
             "pidfile": str(pidfile),
@@ -92,7 +97,7 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
     recent = _recent_cpu(history)
     if recent is not None:
         out["ksmd"]["cpu_percent_recent"], out["ksmd"]["recent_window_s"] = recent
-    return out
+    return StatusDocument.model_validate(out)
 
 
 def _last_adjust(state: dict | None, now_s: float) -> dict | None:
@@ -256,8 +261,10 @@ def _can_encode(text: str) -> bool:
 
 
 def main(paths: Paths, as_json: bool = False) -> int:
-    """Exit 0 (also when no daemon runs: the text says so); 69 when the kernel has no KSM."""
-    st = collect_status(Path(paths.sysfs), Path(paths.procfs), pidfile_in_force(paths), Path(paths.state_file))
+    """Exit 0 (also when no daemon runs: the text says so); 69 when the kernel has no KSM; 65
+    (StateFileError, raised) when the state file is not a ksmtuned state file."""
+    doc = collect_status(Path(paths.sysfs), Path(paths.procfs), pidfile_in_force(paths), Path(paths.state_file))
+    st = doc.model_dump(mode="json", by_alias=True)
     if as_json:
         print(json.dumps(st, indent=2))
     else:

@@ -1,149 +1,30 @@
 """ksmtuned.conf text -> one frozen, validated Settings object.
 
-The old daemon *sources* the file with bash, as root.  We parse it instead, as the subset
-of shell that real files use (KEY=VALUE, quotes, ``export``, comments, inline comments,
-repeated keys where the last wins, a last line without newline, CRLF line ends, a UTF-8
-byte-order mark), and refuse anything that would run code, naming file:line.
+The text is parsed by :mod:`ksmtuned.core.shellconf` (the shell subset real files use, code
+refused); this module turns the assignments, the environment and the defaults into the
+pydantic settings model, each bad value reported as FILE:LINE: KEY: expected ..., got '...'.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optional, Tuple
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE
+from ..paths import DEFAULT_PIDFILE
+from .matchers import DEFAULT_TRUST
 from .policy import Tuning
+from .shellconf import DEFAULT_CONFIG_PATH, Assignment, parse_assignments
 
-DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
+__all__ = ["Assignment", "parse_assignments", "Settings", "SettingsError", "KEYS", "LoadedConfig", "build_settings",
+           "parse_bool", "parse_listen", "reference_rows", "DEFAULT_CONFIG_PATH", "MATCHER_NAMES"]
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Unquoted characters that are shell syntax (commands, pipes, redirections, expansions).
-_CODE_CHARS = {
-    "$": "expansion or command substitution ('$')",
-    "`": "command substitution ('`')",
-    ";": "a command separator (';')",
-    "|": "a pipe ('|')",
-    "&": "'&' (background or '&&')",
-    "<": "a redirection ('<')",
-    ">": "a redirection ('>')",
-    "(": "a subshell or function ('(')",
-    ")": "a subshell or function (')')",
-}
 _FALSE_WORDS = {"0", "no", "false", "off"}
 MATCHER_NAMES = ("redhat", "debian", "libvirt", "proxmox")
-
-
-@dataclass(frozen=True)
-class Assignment:
-    key: str
-    value: str
-    line_no: int
-
-
-def _error(filename: str, line_no: int, message: str) -> ConfigError:
-    return ConfigError(f"{filename}:{line_no}: {message}")
-
-
-def _parse_value(text: str, filename: str, line_no: int) -> str:
-    """Parse the word after '=' as bash would for an assignment; refuse code."""
-    out: list[str] = []
-    i, n = 0, len(text)
-    tilde_expands = True  # bash expands an unquoted ~ right after the '=' or an unquoted ':'
-    while i < n:
-        c = text[i]
-        if c == "~" and tilde_expands:
-            raise _error(filename, line_no, "refusing '~': the shell would expand it to a home directory; "
-                                            "write the full path (or quote it)")
-        tilde_expands = c == ":"
-        if c in " \t":
-            rest = text[i:].strip()
-            if rest and not rest.startswith("#"):
-                raise _error(
-                    filename, line_no,
-                    f"unexpected text after the value: {rest!r} (the shell would run it as a command); "
-                    "quote values that contain spaces",
-                )
-            break
-        if c == "'":
-            end = text.find("'", i + 1)
-            if end < 0:
-                raise _error(filename, line_no, "unterminated single quote (values must fit on one line)")
-            out.append(text[i + 1 : end])
-            i = end + 1
-            continue
-        if c == '"':
-            i += 1
-            while True:
-                if i >= n:
-                    raise _error(filename, line_no, "unterminated double quote (values must fit on one line)")
-                c = text[i]
-                if c == '"':
-                    i += 1
-                    break
-                if c == "\\" and i + 1 < n and text[i + 1] in '"\\$`':
-                    out.append(text[i + 1])
-                    i += 2
-                    continue
-                if c in "$`":
-                    raise _error(
-                        filename, line_no,
-                        f"refusing {_CODE_CHARS[c]} inside double quotes: the config is data, not code",
-                    )
-                out.append(c)
-                i += 1
-            continue
-        if c == "\\":
-            if i + 1 >= n:
-                # bash would join the next line to this value ("A=\\" + "B=1" is A='B=1')
-                raise _error(filename, line_no, "a backslash at the end of a line continues it in the shell; "
-                                                "join the lines")
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if c in _CODE_CHARS:
-            raise _error(filename, line_no, f"refusing {_CODE_CHARS[c]}: the config is data, not code")
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def parse_assignments(text: str, filename: str = str(DEFAULT_CONFIG_PATH)) -> list[Assignment]:
-    """Parse shell-subset config text into assignments, in file order.
-
-    Raises ConfigError naming file:line for anything that is not a plain assignment.
-    """
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    assignments = []
-    for line_no, raw in enumerate(text.split("\n"), start=1):
-        line = raw[:-1] if raw.endswith("\r") else raw
-        if "\0" in line:
-            raise _error(filename, line_no, "NUL byte in line (is this a text file?)")
-        stripped = line.lstrip(" \t")  # not rstrip: a value may end in an escaped space (KEY=a\<space>)
-        if not stripped or stripped.startswith("#"):
-            continue
-        body = stripped
-        if re.match(r"export[ \t]", body):
-            body = body[len("export"):].lstrip(" \t")
-            m = _NAME.fullmatch(body.split("#", 1)[0].strip(" \t"))
-            if m and "=" not in body:
-                continue  # `export KEY` alone: nothing to assign
-        m = _NAME.match(body)
-        if not m or body[m.end() : m.end() + 1] != "=":
-            shown = stripped if len(stripped) <= 60 else stripped[:57] + "..."
-            raise _error(
-                filename, line_no,
-                f"expected KEY=VALUE (a comment, a blank line or an assignment), got {shown!r}; "
-                "the config is data, commands are never run",
-            )
-        key = m.group(0)
-        value = _parse_value(body[m.end() + 1 :], filename, line_no)
-        assignments.append(Assignment(key=key, value=value, line_no=line_no))
-    return assignments
 
 
 def parse_bool(text: str) -> bool:
@@ -172,10 +53,11 @@ def parse_listen(text: str) -> tuple[str, int] | None:
 
 # --- one frozen settings model -------------------------------------------------------------
 #
-# A hand-written model rather than pydantic: importing pydantic and building one model costs
-# the resident daemon about 15 MB (measured: 33 MB RSS with it, 18 MB without), more than half
-# its memory, to check 16 scalar keys (issue 5's target is < 25 MB).  The shape is the one
-# STYLE.md asks for: ranges beside the fields, a cross-field check, the KSM_* names as aliases.
+# pydantic (v2): the ranges stand beside the fields (Field(ge=, le=, gt=)), the cross-field check
+# is a model validator, the historical KSM_* names are the aliases, and the way bash reads
+# numbers is a before-validator, so a value means what it meant to the old daemon or is refused.
+# Only API present since pydantic 2.0 is used (Debian 13 ships 2.10; RHEL 9 runs Python 3.9, so
+# the annotations below use Optional/Tuple: pydantic evaluates them at runtime).
 
 _INTEGER = re.compile(r"[ \t]*[+-]?(0|[1-9][0-9]*)[ \t]*", re.ASCII)
 _NUMBER = re.compile(r"[ \t]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?[ \t]*", re.ASCII)
@@ -216,16 +98,16 @@ def to_text(value: object) -> str:
     raise ValueError("expected a text value")
 
 
-def to_optional_text(value: object) -> str | None:
+def to_optional_text(value: object) -> Optional[str]:
     return to_text(value) if value else None
 
 
-def choice(*words: str, also: Mapping[str, str] | None = None) -> Callable[[object], str]:
+def choice(*words: str, also: Optional[Mapping[str, str]] = None) -> Callable[[object], str]:
     """One of `words`, case-insensitive; `also` maps other spellings to one of them."""
     listed = ", ".join(f"'{w}'" for w in words[:-1]) + f" or '{words[-1]}'"
 
     def convert(value: object) -> str:
-        word = value.strip().lower() if isinstance(value, str) else value
+        word = value.strip().lower() if isinstance(value, str) else ""
         word = (also or {}).get(word, word)
         if word not in words:
             raise ValueError(f"expected {listed}")
@@ -234,7 +116,7 @@ def choice(*words: str, also: Mapping[str, str] | None = None) -> Callable[[obje
     return convert
 
 
-def to_guest_match(value: object) -> tuple[str, ...]:
+def to_guest_match(value: object) -> Tuple[str, ...]:
     if isinstance(value, str):
         items = tuple(item.strip() for item in value.split(",") if item.strip())
     elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
@@ -256,102 +138,163 @@ def to_guest_match(value: object) -> tuple[str, ...]:
     return items
 
 
-def to_listen(value: object) -> tuple[str, int] | None:
+def to_guest_trust(value: object) -> Tuple[str, ...]:
+    """KSM_GUEST_TRUST: whose guest-looking processes count (core/matchers.py, docs/security.md)."""
+    from .matchers import parse_trust
+
+    if isinstance(value, str):
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        items = tuple(value)
+    else:
+        items = ()
+    return parse_trust(items)
+
+
+def to_listen(value: object) -> Optional[Tuple[str, int]]:
     if isinstance(value, str):
         return parse_listen(value)
     if value is None:
         return None
-    if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
+    if (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], int) and 0 < value[1] < 65536):
-        return value
+        return (value[0], value[1])
     raise ValueError("expected HOST:PORT")
 
 
-def bounded(convert: Callable[[object], Any], ge=None, gt=None, le=None) -> Callable[[object], Any]:
-    """`convert`, then the range check (messages as "expected a value greater than 0")."""
-
-    def check(value: object):
-        v = convert(value)
-        if (gt is not None and not v > gt) or (ge is not None and not v >= ge):
-            raise ValueError(f"expected a value greater than {gt}" if gt is not None
-                             else f"expected a value greater than or equal to {ge}")
-        if le is not None and not v <= le:  # `not <=`: NaN fails too
-            raise ValueError(f"expected a value less than or equal to {le}")
-        return v
-
-    return check
+#: The value types of ksmtuned.conf: pydantic's type, read first as the old daemon read it.
+BashInt = Annotated[int, BeforeValidator(to_integer)]
+BashNumber = Annotated[float, BeforeValidator(to_number)]
+Flag = Annotated[bool, BeforeValidator(to_flag)]
+Text = Annotated[str, BeforeValidator(to_text)]
+OptionalText = Annotated[Optional[str], BeforeValidator(to_optional_text)]
+GuestMatch = Annotated[Tuple[str, ...], BeforeValidator(to_guest_match)]
+GuestTrust = Annotated[Tuple[str, ...], BeforeValidator(to_guest_trust)]
+Listen = Annotated[Optional[Tuple[str, int]], BeforeValidator(to_listen)]
+PsMetric = Annotated[Literal["rss", "pss", "vsz"], BeforeValidator(choice("rss", "pss", "vsz", also={"rsz": "rss"}))]
+FreeMetric = Annotated[Literal["classic", "available"], BeforeValidator(choice("classic", "available"))]
 
 
-def setting(alias: str, default: object, convert: Callable[[object], Any], **bounds) -> Any:
-    """A Settings field: its ksmtuned.conf key, its default, and how a value is read and checked."""
-    return field(default=default, metadata={"alias": alias, "convert": bounded(convert, **bounds)})
+def setting(alias: str, default: Any, *, unit: str, range_text: str = "", meaning: str, **bounds: Any) -> Any:
+    """A Settings field: its ksmtuned.conf key, its default, its bounds (ge=, gt=, le=) and its
+    documentation (unit, range in words, meaning: the man page's and README's key table)."""
+    return Field(default, alias=alias, description=meaning, json_schema_extra={"unit": unit, "range": range_text},
+                 **bounds)
 
 
 class SettingsError(ValueError):
     """Invalid values: ``problems`` lists (alias, message), alias None for the cross-field check."""
 
-    def __init__(self, problems: list[tuple[str | None, str]]):
+    def __init__(self, problems: List[Tuple[Optional[str], str]]):
         super().__init__("; ".join(f"{a or 'settings'}: {m}" for a, m in problems))
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class Settings:
+def _message(error: Mapping[str, Any]) -> str:
+    """One pydantic error in the words ksmtuned has always used ("expected ...")."""
+    kind = error["type"]
+    # a float field's bound comes back as 0.0: say 0, as the range is written
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in (error.get("ctx") or {}).items()}
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "greater_than":
+        return f"expected a value greater than {ctx['gt']}"
+    if kind == "greater_than_equal":
+        return f"expected a value greater than or equal to {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"expected a value less than or equal to {ctx['le']}"
+    if kind == "less_than":
+        return f"expected a value less than {ctx['lt']}"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    return "expected " + str(error["msg"]).replace("Input should be ", "")
+
+
+class Settings(BaseModel):
     """Every setting in force, each field with its historical ksmtuned.conf key (the alias),
-    its default and its range.  Construction checks every value; frozen."""
+    its default and its range.  Construction checks every value (SettingsError); frozen."""
 
-    monitor_interval_s: float = setting("KSM_MONITOR_INTERVAL", 60.0, to_number, gt=0, le=86400)
-    sleep_msec: int = setting("KSM_SLEEP_MSEC", 10, to_integer, ge=0, le=10_000_000)
-    npages_boost: int = setting("KSM_NPAGES_BOOST", 300, to_integer, ge=0, le=2**31 - 1)
-    npages_decay: int = setting("KSM_NPAGES_DECAY", -50, to_integer, ge=-(2**31), le=0)
-    npages_min: int = setting("KSM_NPAGES_MIN", 64, to_integer, ge=0, le=2**32 - 1)
-    npages_max: int = setting("KSM_NPAGES_MAX", 1250, to_integer, ge=0, le=2**32 - 1)
-    thres_coef_pct: int = setting("KSM_THRES_COEF", 20, to_integer, ge=0, le=100)
-    thres_const_kib: int = setting("KSM_THRES_CONST", 2048, to_integer, ge=0, le=2**50)
-    logfile: str | None = setting("LOGFILE", None, to_optional_text)
-    debug: bool = setting("DEBUG", False, to_flag)
-    pidfile: str = setting("PIDFILE", DEFAULT_PIDFILE, to_text)
-    guest_match: tuple[str, ...] = setting("KSM_GUEST_MATCH", MATCHER_NAMES, to_guest_match)
-    ps_metric: str = setting("KSM_PS_METRIC", "rss", choice("rss", "pss", "vsz", also={"rsz": "rss"}))  # rsz: Proxmox
-    free_metric: str = setting("KSM_FREE_METRIC", "classic", choice("classic", "available"))
-    metrics_listen: tuple[str, int] | None = setting("KSM_METRICS_LISTEN", None, to_listen)
-    metrics_textfile: str | None = setting("KSM_METRICS_TEXTFILE", None, to_optional_text)
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
-    def __post_init__(self):
-        problems = []
-        for f in fields(self):
-            try:
-                object.__setattr__(self, f.name, f.metadata["convert"](getattr(self, f.name)))
-            except ValueError as e:
-                problems.append((f.metadata["alias"], str(e)))
-        if not problems and self.npages_max < self.npages_min:
-            problems.append((None, f"KSM_NPAGES_MAX ({self.npages_max}) must be >= KSM_NPAGES_MIN "
-                                   f"({self.npages_min})"))
-        if problems:
-            raise SettingsError(problems)
+    monitor_interval_s: BashNumber = setting(
+        "KSM_MONITOR_INTERVAL", 60.0, gt=0, le=86400,
+        unit="seconds (decimals allowed)", range_text="> 0, <= 86400", meaning="time between adjusts")
+    sleep_msec: BashInt = setting(
+        "KSM_SLEEP_MSEC", 10, ge=0, le=10_000_000, unit="ms, for a 16 GiB host", range_text="0 - 10,000,000",
+        meaning="ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms")
+    npages_boost: BashInt = setting(
+        "KSM_NPAGES_BOOST", 300, ge=0, le=2**31 - 1,
+        unit="pages", range_text=">= 0", meaning="added to npages when free < threshold")
+    npages_decay: BashInt = setting(
+        "KSM_NPAGES_DECAY", -50, ge=-(2**31), le=0,
+        unit="pages", range_text="<= 0", meaning="added to npages otherwise, while KSM runs")
+    npages_min: BashInt = setting(
+        "KSM_NPAGES_MIN", 64, ge=0, le=2**32 - 1, unit="pages", range_text=">= 0", meaning="lower clamp of pages_to_scan")
+    npages_max: BashInt = setting(
+        "KSM_NPAGES_MAX", 1250, ge=0, le=2**32 - 1,
+        unit="pages", range_text=">= KSM_NPAGES_MIN", meaning="upper clamp of pages_to_scan")
+    thres_coef_pct: BashInt = setting(
+        "KSM_THRES_COEF", 20, ge=0, le=100, unit="% of RAM", range_text="0 - 100", meaning="free-memory threshold")
+    thres_const_kib: BashInt = setting(
+        "KSM_THRES_CONST", 2048, ge=0, le=2**50, unit="kB", range_text=">= 0", meaning="the threshold is at least this")
+    logfile: OptionalText = setting(
+        "LOGFILE", None, unit="path", meaning="where the debug lines go (else standard output)")
+    debug: Flag = setting(
+        "DEBUG", False, unit="flag", meaning="any non-empty value turns the debug log on, except 0, no, false, off")
+    pidfile: Text = setting(
+        "PIDFILE", DEFAULT_PIDFILE, unit="path",
+        meaning="the pid file (usually from the environment, as in the old daemon)")
+    guest_match: GuestMatch = setting(
+        "KSM_GUEST_MATCH", MATCHER_NAMES, unit="list", range_text="redhat, debian, libvirt, proxmox, regex:PATTERN",
+        meaning="which processes are guests")
+    guest_trust: GuestTrust = setting(
+        "KSM_GUEST_TRUST", DEFAULT_TRUST, unit="list", range_text="root, hypervisor, pidfile, machine-slice, user:NAME, any",
+        meaning="whose guest-looking processes count (docs/security.md)")
+    ps_metric: PsMetric = setting(  # rsz: Proxmox's spelling
+        "KSM_PS_METRIC", "rss", unit="rss | pss | vsz", range_text="rsz = rss", meaning="how a guest's memory is counted")
+    free_metric: FreeMetric = setting(
+        "KSM_FREE_METRIC", "classic", unit="classic | available", meaning="MemFree+Buffers+Cached, or MemAvailable")
+    metrics_listen: Listen = setting(
+        "KSM_METRICS_LISTEN", None, unit="host:port or port",
+        meaning="Prometheus /metrics; a bare port binds 127.0.0.1; off when empty")
+    metrics_textfile: OptionalText = setting(
+        "KSM_METRICS_TEXTFILE", None, unit="path",
+        meaning="node_exporter textfile, written atomically each tick; off when empty")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise SettingsError([(None if not err["loc"] else _alias(err["loc"][0]), _message(err))
+                                 for err in e.errors()]) from None
+
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> "Settings":
+        if self.npages_max < self.npages_min:
+            raise ValueError(f"KSM_NPAGES_MAX ({self.npages_max}) must be >= KSM_NPAGES_MIN ({self.npages_min})")
+        return self
 
     @classmethod
-    def from_aliases(cls, values: Mapping[str, object]) -> Settings:
+    def from_aliases(cls, values: Mapping[str, object]) -> "Settings":
         """Settings from {KSM_* key: value}; every bad value is reported (SettingsError), not just
-        the first."""
+        the first, in the order of ``values``."""
         unknown = set(values) - set(KEYS)
         if unknown:
             raise SettingsError([(None, f"unknown keys {', '.join(sorted(unknown))}")])
         try:
-            return cls(**{KEYS[alias]: value for alias, value in values.items()})
-        except SettingsError as e:  # __post_init__ found them, in field order: report in the caller's
+            return cls(**values)
+        except SettingsError as e:  # pydantic reports in field order: report in the caller's
             order = list(values)
             e.problems.sort(key=lambda p: order.index(p[0]) if p[0] in order else len(order))
             raise
 
-    @staticmethod
-    def default(alias: str) -> object:
-        return _FIELDS[KEYS[alias]].default
+    @classmethod
+    def default(cls, alias: str) -> Any:
+        return cls.model_fields[KEYS[alias]].default
 
-    def by_alias(self) -> dict[str, Any]:
+    def by_alias(self) -> Dict[str, Any]:
         """{KSM_* key: value}, JSON-ready (tuples as lists)."""
-        return {f.metadata["alias"]: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
-                for f in fields(self)}
+        return self.model_dump(mode="json", by_alias=True)
 
     def tuning(self) -> Tuning:
         return Tuning(
@@ -365,9 +308,13 @@ class Settings:
         )
 
 
-_FIELDS = {f.name: f for f in fields(Settings)}
-#: alias -> field name
-KEYS: dict[str, str] = {f.metadata["alias"]: f.name for f in fields(Settings)}
+#: alias -> field name, in the model's order
+KEYS: Dict[str, str] = {f.alias or name: name for name, f in Settings.model_fields.items()}
+_ALIASES = {name: alias for alias, name in KEYS.items()}
+
+
+def _alias(loc: object) -> str:
+    return _ALIASES.get(str(loc), str(loc))
 
 
 @dataclass(frozen=True)
@@ -414,38 +361,15 @@ def build_settings(
         settings = Settings.from_aliases(values)
     except SettingsError as e:
         problems = []
-        for alias, message in e.problems:
-            if alias is None:  # the cross-field check: MAX >= MIN
-                alias = "KSM_NPAGES_MAX"
+        for key, message in e.problems:
+            alias = key or "KSM_NPAGES_MAX"
+            if key is None:  # the cross-field check: MAX >= MIN
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
             where = sources.get(alias, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
             problems.append(f"{where}: {alias}: {message}, got {values.get(alias, Settings.default(alias))!r}")
         raise ConfigError("\n".join(problems)) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
-
-
-#: The documentation of each key: (unit, range in words, meaning).  The man page ksmtuned.conf(5)
-#: and the README's table are generated from this and the fields (defaults) by reference_rows().
-REFERENCE: dict[str, tuple[str, str, str]] = {
-    "KSM_MONITOR_INTERVAL": ("seconds (decimals allowed)", "> 0, <= 86400", "time between adjusts"),
-    "KSM_SLEEP_MSEC": ("ms, for a 16 GiB host", "0 - 10,000,000",
-                       "ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms"),
-    "KSM_NPAGES_BOOST": ("pages", ">= 0", "added to npages when free < threshold"),
-    "KSM_NPAGES_DECAY": ("pages", "<= 0", "added to npages otherwise, while KSM runs"),
-    "KSM_NPAGES_MIN": ("pages", ">= 0", "lower clamp of pages_to_scan"),
-    "KSM_NPAGES_MAX": ("pages", ">= KSM_NPAGES_MIN", "upper clamp of pages_to_scan"),
-    "KSM_THRES_COEF": ("% of RAM", "0 - 100", "free-memory threshold"),
-    "KSM_THRES_CONST": ("kB", ">= 0", "the threshold is at least this"),
-    "LOGFILE": ("path", "", "where the debug lines go (else standard output)"),
-    "DEBUG": ("flag", "", "any non-empty value turns the debug log on, except 0, no, false, off"),
-    "PIDFILE": ("path", "", "the pid file (usually from the environment, as in the old daemon)"),
-    "KSM_GUEST_MATCH": ("list", "redhat, debian, libvirt, proxmox, regex:PATTERN", "which processes are guests"),
-    "KSM_PS_METRIC": ("rss | pss | vsz", "rsz = rss", "how a guest's memory is counted"),
-    "KSM_FREE_METRIC": ("classic | available", "", "MemFree+Buffers+Cached, or MemAvailable"),
-    "KSM_METRICS_LISTEN": ("host:port or port", "", "Prometheus /metrics; a bare port binds 127.0.0.1; off when empty"),
-    "KSM_METRICS_TEXTFILE": ("path", "", "node_exporter textfile, written atomically each tick; off when empty"),
-}
 
 
 def _default_text(value: object) -> str:
@@ -464,7 +388,9 @@ def reference_rows() -> list[tuple[str, str, str, str, str]]:
     """(key, unit, default, range, meaning) for every setting, in the model's order: the source
     of the documentation tables, so they cannot drift from the model."""
     rows = []
-    for alias in KEYS:
-        unit, range_, meaning = REFERENCE.get(alias, ("", "", ""))
-        rows.append((alias, unit, _default_text(Settings.default(alias)), range_, meaning))
+    for alias, name in KEYS.items():
+        f = Settings.model_fields[name]
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        rows.append((alias, str(extra.get("unit", "")), _default_text(f.default), str(extra.get("range", "")),
+                     f.description or ""))
     return rows

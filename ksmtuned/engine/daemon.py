@@ -22,7 +22,6 @@ from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
-from ..kernel.procfs import OpenFiles
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
@@ -58,8 +57,6 @@ class Daemon:
         self.procfs = Path(procfs)
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
-        self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
-        self._files = OpenFiles(self.procfs)  # /proc/meminfo, read every tick
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
@@ -85,7 +82,7 @@ class Daemon:
         return DebugLog(settings.logfile, settings.debug or self.debug_override)
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
-        return GuestFinder.from_settings(settings, procfs=self.procfs, run_dir=self.run_dir)
+        return GuestFinder.from_settings(settings, run_dir=str(self.run_dir))
 
     @property
     def settings(self) -> Settings:
@@ -94,7 +91,8 @@ class Daemon:
     # --- start and reload -----------------------------------------------------------
     def start(self) -> None:
         """Compute the limits from MemTotal once, and print the start lines."""
-        total = meminfo.total_kib(meminfo.read_meminfo(self._meminfo_file, self._files.read), self._meminfo_file)
+        path = str(self.meminfo_path)
+        total = meminfo.total_kib(meminfo.read_meminfo(path), path)
         self.limits = limits_for(total, self.settings.tuning())
         self.debug_log.write(start_lines(self.limits))
         log.info(
@@ -121,7 +119,8 @@ class Daemon:
         self.config = new
         self.debug_log.close()
         self.debug_log = self._make_debug_log(new.settings)
-        if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+        if (new.settings.guest_match, new.settings.ps_metric, new.settings.guest_trust) != (
+                old_settings.guest_match, old_settings.ps_metric, old_settings.guest_trust):
             self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
         try:
@@ -137,9 +136,12 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self._meminfo_file, self._files.read)
-        free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
-        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
+        path = str(self.meminfo_path)
+        fields = meminfo.read_meminfo(path)
+        free = meminfo.free_kib(fields, self.settings.free_metric, path)
+        # only trusted guests (KSM_GUEST_TRUST) are measured and counted; the THP check takes
+        # AnonHugePages from this tick's meminfo
+        guests = self.guest_finder.scan(meminfo_fields=fields, untrusted=False)
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 

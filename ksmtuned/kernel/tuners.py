@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from .processes import iter_processes
 
 #: process names / script names of tuners that write KSM knobs
 OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned")
@@ -12,25 +12,17 @@ OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned")
 USER_UID_MIN = 1000
 
 
-def other_tuners(procfs: Path = Path("/proc"), self_pid: int | None = None) -> list[tuple[int, str]]:
-    """(pid, name) of every other process that is a KSM tuner: momd, mom-vdsm, a bash or python ksmtuned."""
+def other_tuners(self_pid: int | None = None) -> list[tuple[int, str]]:
+    """(pid, name) of every other process that is a KSM tuner: momd, mom-vdsm, a bash or python
+    ksmtuned.  Processes under psutil's root (``kernel.processes.set_procfs``)."""
     me = {self_pid or os.getpid(), os.getppid()}
     found = []
-    try:
-        entries = os.listdir(procfs)
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit() or int(entry) in me:
+    for proc in iter_processes(["pid", "name", "cmdline", "uids"]):
+        info = proc.info
+        if info["pid"] in me or info["uids"] is None or info["uids"].effective >= USER_UID_MIN:
             continue
-        try:
-            if os.stat(procfs / entry).st_uid >= USER_UID_MIN:
-                continue
-            raw = (procfs / entry / "cmdline").read_bytes()
-            comm = (procfs / entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        args = [a for a in (info["cmdline"] or []) if a]
+        comm = info["name"] or ""
         if not args:
             continue  # kernel thread or zombie
         names = {comm, os.path.basename(args[0])}
@@ -45,7 +37,7 @@ def other_tuners(procfs: Path = Path("/proc"), self_pid: int | None = None) -> l
             continue  # `ksmtuned status`, `retune` ... are not tuners
         for name in OTHER_TUNERS:
             if name in names:
-                found.append((int(entry), name))
+                found.append((info["pid"], name))
                 break
     return sorted(found)
 

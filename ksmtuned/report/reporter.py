@@ -11,24 +11,21 @@ format the last tick's numbers.  prometheus_client is imported only when
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from .. import __version__
-from ..core.ticks import DECISION_KINDS, PAGE_SIZE, Guest, GuestData, TickData
-from ..paths import DEFAULT_PROCFS, DEFAULT_SYSFS
-from .state import DEFAULT_STATE_PATH, HISTORY_LEN, STATE_SCHEMA, atomic_write, read_history, remove_stale_temps
+from ..core.documents import Counts, HistoryEntry, Inputs, KnobWrite, StateDaemon, StateDecision, StateDocument
+from ..core.documents import StateGuest, StateKsmd
+from ..core.ticks import DECISION_KINDS, Guest, GuestData, TickData
+from ..paths import DEFAULT_SYSFS
+from .state import DEFAULT_STATE_PATH, HISTORY_LEN, atomic_write, read_history, remove_stale_temps
 
 log = logging.getLogger(__name__)
-
-#: json.dumps(x, separators=(",", ":")) without building a new encoder for every call
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
@@ -37,11 +34,6 @@ def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
     return GuestData(pid=guest.pid, name=guest.name, matcher=guest.matcher,
                      memory_kib=guest.rss_kib if memory is None else memory,
                      ksm_merging_pages=guest.ksm_merging_pages, ksm_profit_bytes=guest.ksm_profit_bytes)
-
-
-def _settings_dict(settings) -> dict[str, Any]:
-    by_alias = getattr(settings, "by_alias", None)
-    return by_alias() if by_alias is not None else {}
 
 
 # --- the observer --------------------------------------------------------------------------
@@ -63,16 +55,12 @@ class Reporter:
         self.adjust_seconds_sum = 0.0
         self.last_success_s: float | None = None
         self.last: TickData | None = None
-        # history entries kept pre-serialized: a tick serializes only its own entry
-        self.history: deque[str] = deque(maxlen=HISTORY_LEN)
-        self._settings_obj = None
-        self._settings_json = "{}"
+        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LEN)
         self._failing: dict[str, str] = {}
         self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
         self._metrics_settings = None
         if self.state_path is not None:
-            for entry in read_history(self.state_path):
-                self.history.append(_compact_json(entry))
+            self.history.extend(read_history(self.state_path))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -114,7 +102,7 @@ class Reporter:
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(_compact_json(data.history_entry()))
+        self.history.append(HistoryEntry(**data.history_entry()))
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
@@ -124,35 +112,31 @@ class Reporter:
 
     # -- the state file --
     def state_document(self, settings, data: TickData) -> str:
-        """The state file's JSON text (README "State file" documents every key)."""
-        if settings is not self._settings_obj:  # settings change only on reload
-            self._settings_obj = settings
-            self._settings_json = json.dumps(_settings_dict(settings))
-        head = {
-            "schema": STATE_SCHEMA,
-            "daemon": {"pid": os.getpid(), "version": __version__, "started": round(self.started_s, 3),
-                       "config_file": self.config_path, "sysfs": self._sysfs_dir, "procfs": self._procfs_dir},
-            "time": round(data.time_s, 3),
-            "reason": data.reason,
-            "duration_s": round(data.duration_s, 6),
-            "error": data.error,
-            "inputs": {"total_kib": data.total_kib, "free_kib": data.free_kib, "committed_kib": data.committed_kib,
-                       "thres_kib": data.thres_kib, "free_metric": data.free_metric, "ps_metric": data.ps_metric,
-                       "guests": len(data.guests)},
-            "decision": None if data.decision == "error" else {
-                "branch": data.decision, "run": data.run, "npages": data.npages, "sleep_ms": data.sleep_ms,
-                "explain": data.explain, "writes": list(data.writes)},
-            "npages": data.npages,
-            "last_success": data.last_success_s,
-            "counts": {"adjusts": data.adjusts, "decisions": data.decisions},
-            "ksm": data.ksm,
-            "page_size": data.page_size,
-            "ksmd": {"pid": data.ksmd_pid, "cpu_seconds": data.ksmd_cpu_s},
-            "guests": [g.__dict__ for g in data.guests],
-        }
-        text = json.dumps(head, indent=None)
-        return (text[:-1] + ', "settings": ' + self._settings_json
-                + ', "history": [' + ",".join(self.history) + "]}\n")
+        """The state file's JSON text: a StateDocument (docs/documents.md documents every key)."""
+        doc = StateDocument(
+            daemon=StateDaemon(pid=os.getpid(), version=__version__, started=round(self.started_s, 3),
+                               config_file=self.config_path, sysfs=self._sysfs_dir, procfs=self._procfs_dir),
+            time=round(data.time_s, 3),
+            reason=data.reason,
+            duration_s=round(data.duration_s, 6),
+            error=data.error,
+            inputs=Inputs(total_kib=data.total_kib, free_kib=data.free_kib, committed_kib=data.committed_kib,
+                          thres_kib=data.thres_kib, free_metric=data.free_metric, ps_metric=data.ps_metric,
+                          guests=len(data.guests)),
+            decision=None if data.decision == "error" else StateDecision(
+                branch=data.decision, run=data.run, npages=data.npages, sleep_ms=data.sleep_ms,
+                explain=data.explain, writes=[KnobWrite(**w) for w in data.writes]),
+            npages=data.npages,
+            last_success=data.last_success_s,
+            counts=Counts(adjusts=data.adjusts, decisions=data.decisions),
+            ksm=data.ksm,
+            page_size=data.page_size,
+            ksmd=StateKsmd(pid=data.ksmd_pid, cpu_seconds=data.ksmd_cpu_s),
+            guests=[StateGuest(**g.__dict__) for g in data.guests],
+            settings=settings,
+            history=list(self.history),
+        )
+        return doc.model_dump_json(by_alias=True) + "\n"
 
     def _write_state(self, settings, data: TickData) -> None:
         assert self.state_path is not None

@@ -3,20 +3,27 @@
 The file (default ``/run/ksmtuned/state.json``) is replaced after every adjust by writing a
 temporary file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0644), fsync, then
 rename over the old one: a reader sees the old file or the new one, never a mix, and a crash
-(even ``kill -9``) at any moment leaves a complete file behind.  Only the standard library is
-used here, so `status` stays cheap.
+(even ``kill -9``) at any moment leaves a complete file behind.  It is read back through its pydantic model (ksmtuned.core.documents.StateDocument).
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import logging
 import os
+import stat
 from pathlib import Path
-from typing import Any
+
+from pydantic import ValidationError
+
+from ..core.documents import STATE_SCHEMA, HistoryEntry, StateDocument, StateHistory  # noqa: F401 (STATE_SCHEMA: re-exported)
+from ..errors import StateFileError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STATE_PATH = Path("/run/ksmtuned/state.json")
-#: Version of the state file's layout (README "State file").  Bumped on incompatible change.
-STATE_SCHEMA = 1
+#: A state file is about 60 kB (300 ticks of history, some guests); a larger one is not ours.
+STATE_MAX_BYTES = 16 << 20
 #: Ticks kept in the state file's history (300 ticks = 5 hours at the default 60 s interval).
 HISTORY_LEN = 300
 
@@ -88,38 +95,93 @@ def remove_stale_temps(path: Path, procfs: Path = Path("/proc")) -> int:
     return removed
 
 
-def read_state(path: Path) -> dict[str, Any] | None:
-    """The state file as a dict, or None when it is missing, unreadable or not ours.
+def read_bounded(path: Path | str, limit_bytes: int) -> bytes | None:
+    """The bytes of the regular file ``path``, or None when it does not exist.
 
-    Never follows a symlink.  A file of another schema version is treated as missing.
+    Opened without following a symlink and without blocking (a FIFO planted at the path does
+    not hang the reader), checked to be a regular file, read up to ``limit_bytes``.  Raises
+    StateFileError with one line naming the file otherwise.
     """
+    # TODO(issue 11, harden): one shared bounded reader for every file a command reads
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        what = "a symbolic link (ksmtuned never writes one)" if e.errno == errno.ELOOP else e.strerror
+        raise StateFileError(f"{path}: cannot read the state file: {what}") from None
     try:
-        with os.fdopen(fd, "rb") as f:
-            data = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("schema") != STATE_SCHEMA:
-        return None
-    return data
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateFileError(f"{path}: not a regular file: not a ksmtuned state file")
+        chunks, size = [], 0
+        while size <= limit_bytes:
+            chunk = os.read(fd, min(1 << 20, limit_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot read the state file: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit_bytes:
+        raise StateFileError(f"{path}: larger than {limit_bytes} bytes: not a ksmtuned state file")
+    return b"".join(chunks)
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
+def _printable(text: str, limit: int = 80) -> str:
+    """A hostile file's key or text, safe for one line of a terminal (control characters escaped)."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+def _problem(path: Path | str, error: ValidationError) -> StateFileError:
+    errors = error.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return StateFileError(_printable(f"{path}: not a ksmtuned state file: {where + ': ' if where else ''}"
+                                     f"{first['msg'].replace('Value error, ', '')}{more}", 300))
+
+
+def read_state(path: Path | str) -> StateDocument | None:
+    """The state file through its model, or None when there is none.
+
+    Never follows a symlink, never blocks, reads at most STATE_MAX_BYTES.  A file that is not
+    a state document of this schema (truncated, planted, NaN, 1e400, nested 100k deep, of
+    another version) raises StateFileError: one line, exit 65 from the CLI.
+    """
+    data = read_bounded(path, STATE_MAX_BYTES)
+    if data is None:
+        return None
+    try:
+        return StateDocument.model_validate_json(data)
+    except ValidationError as e:
+        raise _problem(path, e) from None
+
+
+def read_history(path: Path | str) -> list[HistoryEntry]:
     """The history of a previous daemon's state file (to carry it across a restart).
 
     Only from a file we own: a file planted by another user (a --state-file in a sticky
-    directory) is not adopted.
+    directory) is not adopted.  A file that cannot be read as one is logged and ignored: the
+    daemon starts with an empty history.
     """
     try:
         if os.stat(path, follow_symlinks=False).st_uid != os.geteuid():
             return []
     except OSError:
         return []
-    state = read_state(path)
-    history = state.get("history") if state else None
-    if not isinstance(history, list):
+    try:
+        data = read_bounded(path, STATE_MAX_BYTES)
+        if data is None:
+            return []
+        try:
+            state = StateHistory.model_validate_json(data)
+        except ValidationError as e:
+            raise _problem(path, e) from None
+    except StateFileError as e:
+        log.warning("%s; starting with an empty history", e)
         return []
-    return [h for h in history[-HISTORY_LEN:] if isinstance(h, dict) and isinstance(h.get("t"), (int, float))]
+    return state.history[-HISTORY_LEN:]

@@ -7,11 +7,14 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from ..core.config import LoadedConfig, build_settings, parse_assignments
+from ..core.shellconf import Assignment, parse_assignments
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE, Paths
+
+if TYPE_CHECKING:
+    from ..core.config import LoadedConfig
 
 log = logging.getLogger("ksmtuned")
 
@@ -27,15 +30,27 @@ def load_config(
     With missing_ok, a missing or empty file means all defaults (as the old daemon at start);
     without it (reload) either is a ConfigError, so the settings in force stay.
     """
+    # the settings model (pydantic) only here: `retune` reads the assignments alone
+    from ..core.config import LoadedConfig, build_settings
+
     env = os.environ if env is None else env
+    filename = str(path)
+    assignments = read_assignments(path, missing_ok)
+    if assignments is None:
+        loaded = build_settings([], env, filename, overrides)
+        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
+    return build_settings(assignments, env, filename, overrides)
+
+
+def read_assignments(path: Path, missing_ok: bool = True) -> list[Assignment] | None:
+    """The file's assignments, or None when it does not exist (and ``missing_ok``)."""
     filename = str(path)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         if not missing_ok:
             raise ConfigError(f"{filename}: no such file") from None
-        loaded = build_settings([], env, filename, overrides)
-        return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
+        return None
     except OSError as e:
         raise ConfigError(f"{filename}: cannot read: {e.strerror}") from None
     try:
@@ -45,7 +60,7 @@ def load_config(
         raise ConfigError(f"{filename}:{line_no}: not valid UTF-8 text") from None
     if not missing_ok and not text.strip(" \t\r\n\ufeff"):
         raise ConfigError(f"{filename}: the file is empty")
-    return build_settings(parse_assignments(text, filename), env, filename, overrides)
+    return parse_assignments(text, filename)
 
 
 def check_file_safety(path: Path, expected_uid: int = 0) -> None:
@@ -99,13 +114,25 @@ def load(paths: Paths, reloading: bool = False, env: Mapping[str, str] | None = 
     return load_config(path, env=env, overrides=overrides, missing_ok=not reloading)
 
 
-def pidfile_in_force(paths: Paths) -> str:
+def pidfile_in_force(paths: Paths, env: Mapping[str, str] | None = None) -> str:
     """--pidfile, else PIDFILE from the config file, else from the environment, else the default:
-    the same file the daemon uses.  A config that cannot be read is warned about, and the
-    command line, environment and default decide (a hook must still reach the daemon)."""
+    the same file the daemon uses (as build_settings resolves it: the last assignment wins, an
+    empty one means the default).  Only the file's assignments are read, not the settings model:
+    `retune` is the libvirt hook's command, and a bad value of another key must not stop a hook
+    from reaching the daemon.  A file that cannot be parsed is warned about, and the environment
+    and the default decide."""
+    if paths.pidfile:
+        return paths.pidfile
+    env = os.environ if env is None else env
+    path = Path(paths.config)
     try:
-        return load(paths).settings.pidfile
+        if os.geteuid() == 0 and not paths.insecure_config:
+            check_file_safety(path)
+        assignments = read_assignments(path) or []
     except ConfigError as e:
-        log.warning("%s (pid file from the command line, the environment or the default)",
-                    str(e).splitlines()[0])
-        return paths.pidfile or os.environ.get("PIDFILE") or DEFAULT_PIDFILE
+        log.warning("%s (pid file from the environment or the default)", str(e).splitlines()[0])
+        assignments = []
+    values = [a.value for a in assignments if a.key == "PIDFILE"]
+    if values:
+        return values[-1] or DEFAULT_PIDFILE
+    return env.get("PIDFILE") or DEFAULT_PIDFILE
