@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="with --once: print what would be written, write nothing (works without root)")
     p.add_argument("--force", action="store_true",
-                   help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
+                   help="start even when another KSM tuner (momd, mom-vdsm, KubeVirt's virt-handler, "
+                        "harvester-node-manager, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--state-file", metavar="PATH", default=None,
                    help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")

@@ -107,6 +107,15 @@ class KsmSysfs:
             raise _wrap(e, path, "read") from None
         return _selected(text)
 
+    def read_int(self, name: str) -> int:
+        """A counter as an integer (``ksmctl stop --unmerge`` follows pages_sharing with it)."""
+        text = self.read(name)
+        try:
+            return int(text)
+        except ValueError:
+            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
+                                       str(self.path(name))) from None
+
     def write(self, name: str, value: str) -> None:
         path = self._prefix + name
         try:

@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from .processes import iter_processes
 
-#: process names / script names of tuners that write KSM knobs
-OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned")
+#: process names / script names of tuners that write KSM knobs: oVirt's MOM (momd, mom-vdsm),
+#: the old or another ksmtuned, KubeVirt's virt-handler (its KSM handler writes run,
+#: pages_to_scan and sleep_millisecs on the nodes the KubeVirt CR's ksmConfiguration selects)
+#: and Harvester's node manager (its ksmtuned controller, per node by the KSMtuned CRD; the
+#: image runs /usr/bin/harvester-node-manager, built as harvester-node-manager-ARCH)
+OTHER_TUNERS = ("momd", "mom-vdsm", "ksmtuned", "virt-handler", "harvester-node-manager", "node-manager")
+#: Go release binaries carry their architecture: harvester-node-manager-amd64
+_ARCH_SUFFIXES = ("-amd64", "-arm64", "-s390x", "-ppc64le", "-riscv64")
 #: login.defs' UID_MIN: processes of ordinary users (and nobody) cannot write KSM knobs, and
 #: their names must not let any local user keep ksmtuned from starting
 USER_UID_MIN = 1000
@@ -25,7 +31,11 @@ def other_tuners(self_pid: int | None = None) -> list[tuple[int, str]]:
         comm = info["name"] or ""
         if not args:
             continue  # kernel thread or zombie
-        names = {comm, os.path.basename(args[0])}
+        base = os.path.basename(args[0])
+        names = {comm, base}
+        for suffix in _ARCH_SUFFIXES:
+            if base.endswith(suffix):
+                names.add(base[: -len(suffix)])
         # interpreters: the script (bash /usr/sbin/ksmtuned, python3 /usr/bin/momd, python -m ksmtuned)
         for i, a in enumerate(args[1:3], start=1):
             if a == "-m" and i + 1 < len(args):
