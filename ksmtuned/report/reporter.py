@@ -74,12 +74,13 @@ class Reporter:
         self.adjust_seconds_sum = 0.0
         self.last_success_s: float | None = None
         self.last: TickData | None = None
-        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LEN)
+        # each entry as its JSON text, serialized once: dumping 300 models every tick cost 0.5 ms
+        self.history: deque[str] = deque(maxlen=HISTORY_LEN)
         self._failing: dict[str, str] = {}
         self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
         self._metrics_settings = None
         if self.state_path is not None:
-            self.history.extend(read_history(self.state_path))
+            self.history.extend(entry.model_dump_json() for entry in read_history(self.state_path))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -123,7 +124,7 @@ class Reporter:
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(HistoryEntry(**data.history_entry()))
+        self.history.append(HistoryEntry(**data.history_entry()).model_dump_json())
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
@@ -155,10 +156,12 @@ class Reporter:
             ksmd=StateKsmd(pid=data.ksmd_pid, cpu_seconds=data.ksmd_cpu_s),
             guests=[StateGuest(**g.__dict__) for g in data.guests],
             settings=settings,
-            history=list(self.history),
             budget=StateBudget(**data.budget) if data.budget else None,
+            history=[],  # last key: filled in below, pre-serialized
         )
-        return doc.model_dump_json(by_alias=True) + "\n"
+        text = doc.model_dump_json(by_alias=True)
+        # history is the document's last key: its entries go in as serialized when they were new
+        return text[:-len('[]}')] + "[" + ",".join(self.history) + "]}\n"
 
     def _write_state(self, settings, data: TickData) -> None:
         assert self.state_path is not None
