@@ -9,7 +9,6 @@ reference runs stop as soon as they have what they measure.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 

@@ -110,6 +110,8 @@ class StateBudget(Part):
     """KSM_POLICY=budget's last decision (docs/budget.md); the key is null under classic."""
 
     mode: Literal["burst", "steady", "off"]
+    trigger: str = Field("", description="bursting: the first trigger's kind (new-guest, growth, retune, "
+                                         "unvisited); empty otherwise")
     reason: str = Field(description="the trigger of a burst, or how the last one ended")
     explain: str = Field(description="the decision in words (as in the log)")
     pages_to_scan: Optional[int] = Field(description="what the budget wants (null: KSM off)")
@@ -151,8 +153,9 @@ class StateDocument(Part):
     ksmd: StateKsmd
     guests: List[StateGuest]
     settings: Settings = Field(description="the settings in force, by their ksmtuned.conf keys")
-    history: List[HistoryEntry] = Field(description="the last ticks, oldest first (at most 300)")
     budget: Optional[StateBudget] = Field(None, description="KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates")
+    #: last: the reporter appends its pre-serialized entries to the JSON text
+    history: List[HistoryEntry] = Field(description="the last ticks, oldest first (at most 300)")
 
 
 # --- status --json -------------------------------------------------------------------------
@@ -235,6 +238,15 @@ class CheckGuest(Part):
     rss_bytes: Optional[int]
 
 
+class CheckUntrusted(Part):
+    """A guest-looking process KSM_GUEST_TRUST does not trust: listed, never counted."""
+
+    pid: int
+    name: str
+    uid: Optional[int]
+    user: Optional[str]
+
+
 class CheckHost(Part):
     ram_bytes: Optional[int]
     swap_bytes: Optional[int]
@@ -242,7 +254,9 @@ class CheckHost(Part):
     cpus: int = Field(description="logical CPUs")
     thp_mode: Optional[str]
     ksm_present: bool
-    guests: List[CheckGuest]
+    guests: List[CheckGuest] = Field(description="the trusted guests the checks count")
+    untrusted_guests: List[CheckUntrusted] = Field(
+        default_factory=list, description="guest-looking processes of unprivileged users (docs/security.md)")
 
 
 class CheckResult(Part):
@@ -285,8 +299,8 @@ class GuestEntry(Part):
     name_known: bool = Field(description="the name came from the guest's configuration, not the process name")
     matcher: str
     matchers: List[str] = Field(description="every configured matcher that claims it")
-    comm: str
-    cmdline: List[str]
+    comm: str = Field(description="the process name (psutil: the kernel's 15-character comm, or argv[0]'s base name when comm is its prefix)")
+    cmdline: List[str] = Field(description="its command line, the first 8 KiB at most (issue 11: bounded)")
     start_time_s: float = Field(description="when it started (Unix time)")
     pidfile: Optional[str]
     rss_kib: int

@@ -32,15 +32,22 @@ _TABLE = {cp: _escape(cp) for cp in [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0
                                      *map(ord, BIDI_CONTROLS)]}
 
 
-def printable(text: object) -> str:
+_TABLE_KEEP_BACKSLASH = {cp: e for cp, e in _TABLE.items() if cp != ord("\\")}
+
+
+def printable(text: object, backslash: bool = True) -> str:
     """``text`` with every control character shown as an escape: ``\\x1b``, ``\\r``, ``\\n``,
-    ``\\x9b``, ``\\u202e``; a backslash as ``\\\\``.  Anything else printable is kept."""
+    ``\\x9b``, ``\\u202e``; a backslash as ``\\\\``.  Anything else printable is kept.
+
+    ``backslash=False`` keeps backslashes as they are: for our own error messages, whose quoted
+    values are already escaped (:func:`quoted`), so that ``'\\x1b'`` is not shown as ``'\\\\x1b'``.
+    """
     s = text if isinstance(text, str) else str(text)
-    if s.isprintable() and "\\" not in s:  # the common case: nothing to do
+    if s.isprintable() and (not backslash or "\\" not in s):  # the common case: nothing to do
         return s
     # other format characters (Cf: zero-width joiners, ...) are kept: they neither move the
     # cursor nor reorder the line
-    return s.translate(_TABLE)
+    return s.translate(_TABLE if backslash else _TABLE_KEEP_BACKSLASH)
 
 
 def has_control(text: str) -> bool:

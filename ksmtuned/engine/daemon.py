@@ -322,6 +322,8 @@ class Daemon:
         return writes
 
     def _log_change(self, decision: Decision, writes: list[Write], budget: BudgetDecision | None = None) -> None:
+        if self.once:
+            return  # `--once` prints the decision itself, on standard output: once, not also here
         previous = self.last_decision
         if writes or previous is None or previous.branch is not decision.branch:
             changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in writes) or "no write needed"
