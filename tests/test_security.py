@@ -465,10 +465,12 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
     try:
         (bindir / "momd").symlink_to(shutil.which("sleep"))
         (bindir / "virt-handler").symlink_to(shutil.which("sleep"))
+        (bindir / "harvester-node-manager").symlink_to(shutil.which("sleep"))
         (bindir / "ksmtuned").write_text("#!/bin/bash\nsleep 600\n")
         (bindir / "ksmtuned").chmod(0o755)
         fakes = [subprocess.Popen(AS_NOBODY + [str(bindir / "momd"), "600"]),
                  subprocess.Popen(AS_NOBODY + [str(bindir / "virt-handler"), "600"]),
+                 subprocess.Popen(AS_NOBODY + [str(bindir / "harvester-node-manager"), "600"]),
                  subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")], start_new_session=True)]
         try:
             time.sleep(0.2)

@@ -80,11 +80,15 @@ class _Runner:
         pidfile = PidFile(self.loaded.settings.pidfile)
         try:
             pidfile.acquire()
+            try:
+                pidfile.write_pid()
+            except KsmtunedError:
+                pidfile.release()
+                raise
         except KsmtunedError as e:
             tell_parent(ready_fd, f"{int(e.exit_code)} {e}")
             raise
         try:
-            pidfile.write_pid()
             set_process_name()
             tell_parent(ready_fd, "0 ok")
             observers = make_observers(self.loaded.settings, state_path=Path(self.paths.state_file),
