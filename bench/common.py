@@ -281,31 +281,20 @@ class IdleProcesses:
 
 
 class FakeGuests:
-    """Processes that both guest patterns count: comm qemu-system-x86, cmdline ^qemu-system...-enable-kvm.
-
-    A symlink named qemu-system-x86_64 to the real Python, started with argv[0]
-    'qemu-system-x86_64' and '-enable-kvm' among the arguments; each holds MIB MiB of private memory.
-    """
-
-    SCRIPT = "import signal,sys\nram = bytearray(b'Z') * (int(sys.argv[-1]) << 20)\nwhile 1: signal.pause()"
+    """Processes that both guest patterns count (tests/fakes/guests.py: comm qemu-system-x86,
+    cmdline ^qemu-system...-enable-kvm), each holding MIB MiB of private memory."""
 
     def __init__(self, workdir: Path, count: int, mib: int = 8):
-        self.link = workdir / "qemu-system-x86_64"
-        if not self.link.exists():
-            self.link.symlink_to(os.path.realpath(sys.executable))
-        self.procs = [
-            subprocess.Popen(["qemu-system-x86_64", "-I", "-S", "-c", self.SCRIPT, "-enable-kvm",
-                              "-name", f"guest=bench{i}", "-m", str(mib)],
-                             executable=str(self.link), stdin=subprocess.DEVNULL)
-            for i in range(count)
-        ]
+        from tests.fakes.guests import FakeGuests as Shared
+
+        self._shared = Shared(workdir)
+        for i in range(count):
+            self._shared.start("qemu-system-x86_64", "qemu-system-x86_64", ["-enable-kvm", "-name", f"guest=bench{i}"],
+                               mib=mib)
+        self.procs = self._shared.procs
 
     def stop(self) -> None:
-        for p in self.procs:
-            with _suppress_lookup():
-                p.kill()
-        for p in self.procs:
-            p.wait()
+        self._shared.stop()
 
 
 class _suppress_lookup:
@@ -364,10 +353,9 @@ KSM_DEFAULTS = {
 
 
 def fake_ksm_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    for name, value in KSM_DEFAULTS.items():
-        (path / name).write_text(value + "\n")
-    return path
+    from tests.fakes.ksm import fake_ksm_dir as shared
+
+    return shared(path, KSM_DEFAULTS)
 
 
 def write_config(path: Path, values: dict[str, object]) -> Path:

@@ -17,22 +17,15 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-GIB_KIB = 1024 * 1024
-TOTAL_KIB = 16 * GIB_KIB  # threshold at the default KSM_THRES_COEF=20: 3,355,443 kB
+from tests.fakes import ksm as _ksm
+from tests.fakes import proc as _proc
+
+GIB_KIB = _proc.GIB_KIB
+TOTAL_KIB = _proc.TOTAL_KIB  # threshold at the default KSM_THRES_COEF=20: 3,355,443 kB
 
 
-def meminfo_text(total_kib: int = TOTAL_KIB, free_kib: int = 8 * GIB_KIB, buffers_kib: int = 0,
-                 cached_kib: int = 0, available_kib: int | None = None) -> str:
-    available_kib = free_kib if available_kib is None else available_kib
-    return (
-        f"MemTotal:       {total_kib} kB\n"
-        f"MemFree:        {free_kib} kB\n"
-        f"MemAvailable:   {available_kib} kB\n"
-        f"Buffers:        {buffers_kib} kB\n"
-        f"Cached:         {cached_kib} kB\n"
-        f"SwapCached:            0 kB\n"
-        f"HugePages_Total:       0\n"
-    )
+meminfo_text = _proc.meminfo_text
+write_atomic = _proc.write_atomic
 
 
 #: free 8 GiB of 16: no pressure, KSM off (run=0)
@@ -41,33 +34,12 @@ STOP = meminfo_text(free_kib=8 * GIB_KIB)
 BOOST = meminfo_text(free_kib=1 * GIB_KIB)
 
 
-def write_atomic(path: Path, text: str | bytes, mode: int = 0o644) -> None:
-    """Replace a file in one rename, so the daemon reads the old or the new content, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    data = text.encode() if isinstance(text, str) else text
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def make_sysfs(root: Path, run: str = "0", pages_to_scan: str = "100", sleep_millisecs: str = "20") -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name, value in (("run", run), ("pages_to_scan", pages_to_scan), ("sleep_millisecs", sleep_millisecs)):
-        (root / name).write_text(value + "\n")
-    return root
+    return _ksm.fake_ksm_dir(root, {"run": run, "pages_to_scan": pages_to_scan, "sleep_millisecs": sleep_millisecs})
 
 
 def make_procfs(root: Path, meminfo: str = STOP) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / "meminfo", meminfo)
-    os.symlink("/proc/stat", root / "stat")
-    os.symlink("/proc/1", root / "1")
-    return root
+    return _proc.view_of(root, [1], meminfo=meminfo, links=("stat",))
 
 
 def wait_until(pred: Callable[[], object], timeout_s: float = 10.0, interval_s: float = 0.01, what: str = ""):

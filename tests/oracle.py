@@ -280,11 +280,11 @@ class Harness:
     def launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.meminfo_path.write_text(MEMINFO_TEMPLATE.read_text())
+        from tests.fakes.ksm import fake_ksm_dir  # here: the supervisor runs this file as a script
+
         fixture = json.loads(KSM_SYSFS_FIXTURE.read_text())["files"]
         for side in self.sides.values():
-            side.ksm_dir.mkdir(parents=True)
-            for name, value in fixture.items():
-                (side.ksm_dir / name).write_text(value + "\n")
+            fake_ksm_dir(side.ksm_dir, fixture)  # tests/fakes: the one fake KSM directory
             side.logfile.touch()
             side.stdout.touch()
         meta = {

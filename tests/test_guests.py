@@ -544,3 +544,18 @@ def test_the_kept_command_line_is_bounded(fakeproc, tmp_path):
     assert g.name == "huge"
     assert sum(len(a) for a in g.cmdline) <= ARGV_KEEP_BYTES
     assert g.cmdline[:3] == ("qemu-system-x86_64", "-name", "guest=huge")
+
+
+def test_untrusted_guests_are_logged_rarely(fakeproc, tmp_path, caplog):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for pid in (60, 61):
+        fakeproc.process(pid, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", f"f{pid}"], 1000,
+                         uid=nobody)
+    finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
+        for _ in range(5):
+            assert finder.scan(untrusted=False) == []
+    [record] = caplog.records
+    assert "2 guest-looking process(es)" in record.getMessage() and "user nobody" in record.getMessage()

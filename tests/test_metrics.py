@@ -246,19 +246,20 @@ def test_metric_names_are_ksmtuned_prefixed_and_unique():
     assert value(smp, "ksmtuned_ksm_advisor_mode", mode="scan-time") == 1
 
 
-def test_textfile_format_is_generate_latest_byte_for_byte():
-    """The textfile's own fast formatter writes exactly what prometheus_client would."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from ksmtuned.report.metrics import LastTickCollector, exposition
+def test_the_textfile_is_generate_latest_of_the_registry(tmp_path):
+    """One renderer: prometheus_client's own exposition, for the textfile as for a scrape."""
+    from prometheus_client import generate_latest
+    from ksmtuned.report.metrics import Metrics
 
-    collector = LastTickCollector("9")
-    collector.data = _full_tick()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
+    m = Metrics("9")
+    textfile = tmp_path / "ksmtuned.prom"
+    m.configure(None, str(textfile))
+    assert m.render() == b""  # before the first tick: nothing, not an error
     odd = GuestData(3, 'new\nline "q" back\\slash ü', "regex", 1, 2, 3)
-    collector.data = TickData(**{**_full_tick().__dict__, "guests": (odd,), "error": "x", "last_success_s": None})
-    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
+    m.update(TickData(**{**_full_tick().__dict__, "guests": (odd,), "error": "x", "last_success_s": None}))
+    assert textfile.read_bytes() == generate_latest(m.registry) != b""
+    smp = samples(textfile.read_text())
+    assert value(smp, "ksmtuned_guest_memory_bytes", guest='new\nline "q" back\\slash ü', pid="3") == 1024
 
 
 def exported_names() -> set[str]:

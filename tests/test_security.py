@@ -511,12 +511,12 @@ def test_unit_conflicts_with_mom():
 
 @root
 @pytest.mark.parametrize("quiet", [False, True])
-def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
+def test_retune_by_another_user_is_exit_77_not_a_traceback(world_readable_tmp, quiet):
     """A non-root user may read the pid file and find the daemon, but not signal root's process."""
     from tests.conftest import skip_unless_nobody_can_run_python
 
     skip_unless_nobody_can_run_python()
-    tmp_path.chmod(0o755)
+    tmp_path = world_readable_tmp  # pytest's own tmp_path is under /tmp/pytest-of-root, mode 0700
     from tests.daemon_support import DaemonProc
 
     with DaemonProc(tmp_path) as d:

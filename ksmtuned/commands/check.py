@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the finder is imported only when guests are scanned
     from ..core.ticks import Guest
 
+from ..core.text import printable
 from ..core.documents import CheckDocument
 from ..errors import ExitCode
 from ..paths import DEFAULT_PIDFILE, DEFAULT_RUN_DIR, Paths
@@ -472,14 +473,15 @@ def report(host: Host, checks: list[Check]) -> CheckDocument:
 
 def render_text(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
-    lines = [f"{c.verdict.upper():<4}  {c.name:<{width}}  {c.reason}" for c in checks]
+    # a reason quotes guest names, chosen by tenants: every control character shown escaped
+    lines = [f"{c.verdict.upper():<4}  {c.name:<{width}}  {printable(c.reason)}" for c in checks]
     summary = {v: sum(1 for c in checks if c.verdict == v) for v in VERDICTS}
     lines.append("summary: " + ", ".join(f"{summary[v]} {v}" for v in VERDICTS))
     return "\n".join(lines) + "\n"
 
 
 def main(paths: Paths, as_json: bool = False) -> int:
-    """Exit 0 when no check fails, 1 when any does."""
+    """Exit 0 when no check fails, 5 (CHECK_FAILED) when any does; a crash is 1, as anywhere."""
     from ..core.config import Settings
     from ..errors import ConfigError
     from ..service.config_file import load, pidfile_in_force
@@ -499,4 +501,4 @@ def main(paths: Paths, as_json: bool = False) -> int:
         print(json.dumps(report(host, checks).model_dump(mode="json", by_alias=True), indent=2))
     else:
         sys.stdout.write(render_text(checks))
-    return ExitCode.SOFTWARE if any(c.verdict == "fail" for c in checks) else ExitCode.OK
+    return ExitCode.CHECK_FAILED if any(c.verdict == "fail" for c in checks) else ExitCode.OK

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from ..core.documents import GuestEntry, GuestsDocument
+from ..core.text import printable
 from ..core.ticks import committed_kib
 from ..engine.guests import GuestFinder
 from ..errors import ExitCode
@@ -25,8 +26,8 @@ def render_table(guests, metric: str, matchers) -> str:
     rows = [("PID", "NAME", "MATCHER", "USER", "RSS MiB", "PSS MiB", "VSZ MiB", "THP MiB", "KSM saved MiB", "KSM profit MiB")]
     for g in guests:
         rows.append((
-            str(g.pid), g.name if g.name_known else f"({g.name})", ",".join(g.matchers),
-            (g.user or "?") + ("" if g.trusted else " *"), _mib(g.rss_kib),
+            str(g.pid), printable(g.name if g.name_known else f"({g.name})"), printable(",".join(g.matchers)),
+            printable(g.user or "?") + ("" if g.trusted else " *"), _mib(g.rss_kib),
             _mib(g.pss_kib), _mib(g.vsz_kib), _mib(g.thp_kib) + (" !" if g.thp_warning else ""),
             _mib(g.ksm_saved_kib),
             "-" if g.ksm_profit_bytes is None else f"{g.ksm_profit_bytes / 1048576:.1f}",
@@ -37,7 +38,7 @@ def render_table(guests, metric: str, matchers) -> str:
              for r in rows]
     counted = [g for g in guests if g.trusted]
     lines.append(
-        f"{len(counted)} guest(s) by {','.join(matchers)}; committed ({metric}): {committed_kib(guests, metric)} kB"
+        f"{len(counted)} guest(s) by {printable(','.join(matchers))}; committed ({metric}): {committed_kib(guests, metric)} kB"
     )
     untrusted = [g for g in guests if not g.trusted]
     if untrusted:
@@ -45,7 +46,7 @@ def render_table(guests, metric: str, matchers) -> str:
                      "(KSM_GUEST_TRUST, docs/security.md)")
     warned = [g for g in guests if g.thp_warning]
     for g in warned:
-        lines.append(f"! {g.name} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
+        lines.append(f"! {printable(g.name)} (pid {g.pid}): {_mib(g.thp_kib)} MiB on transparent huge pages, which KSM "
                      "does not merge")
     if guests and all(g.ksm_merging_pages is None for g in guests):
         lines.append("(no per-process KSM counters: /proc/PID/ksm_stat needs Linux 6.1 or later)")

@@ -67,7 +67,11 @@ class _Runner:
         report = self.daemon(once=True).adjust("once")
         if report.decision is None or report.error:
             return ExitCode.SOFTWARE
-        print(report.decision.explain())
+        if self.dry_run:  # the "would write" lines said what changes
+            print(report.decision.explain())
+        else:
+            changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in report.writes)
+            print(f"{report.decision.explain()} ({changes or 'no write needed'})")
         return ExitCode.OK
 
     def serve(self, ready_fd: Optional[int]) -> int:
@@ -76,11 +80,15 @@ class _Runner:
         pidfile = PidFile(self.loaded.settings.pidfile)
         try:
             pidfile.acquire()
+            try:
+                pidfile.write_pid()
+            except KsmtunedError:
+                pidfile.release()
+                raise
         except KsmtunedError as e:
             tell_parent(ready_fd, f"{int(e.exit_code)} {e}")
             raise
         try:
-            pidfile.write_pid()
             set_process_name()
             tell_parent(ready_fd, "0 ok")
             observers = make_observers(self.loaded.settings, state_path=Path(self.paths.state_file),

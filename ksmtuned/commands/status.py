@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.text import printable
 from ..core.documents import StatusDocument
 from ..core.ticks import PAGE_SIZE
 from ..errors import ExitCode, NotRunningError
@@ -88,6 +89,8 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
             "recent_window_s": None,
             "cpu_percent_since_boot": _round(ksmd.average_percent(), 3),
         },
+        # KSM_POLICY=budget: the mode and why, ksmd's CPU, what is left to merge (docs/budget.md)
+        "budget": (state or {}).get("budget"),
         "history": {
             "ticks": len(history),
             "saved_bytes": [h.get("saved_bytes") for h in history],
@@ -212,7 +215,7 @@ def render_text(st: dict[str, Any]) -> str:
     c = k["counters"]
     if not k["present"]:
         lines.append(f"KSM: not available ({k['sysfs']} missing: this kernel has no KSM)")
-        return "\n".join(lines) + "\n"
+        return _text(lines)
     run = {0: "stopped", 1: "running", 2: "stopped and unmerging"}.get(c.get("run"), f"run={c.get('run')}")
     scan = f", {c['pages_to_scan']} pages every {c['sleep_millisecs']} ms" if "pages_to_scan" in c else ""
     advisor = f", advisor {c['advisor_mode']}" if "advisor_mode" in c else ""
@@ -230,6 +233,9 @@ def render_text(st: dict[str, Any]) -> str:
         boot = (f"{kd['cpu_percent_since_boot']:.2f} % since boot, "
                 if kd["cpu_percent_since_boot"] is not None else "")
         lines.append(f"  ksmd: pid {kd['pid']}, CPU {recent}{boot}{kd['cpu_seconds']:.2f} s in all")
+    b = st.get("budget")
+    if b:
+        lines.append(f"  {b.get('explain')}")
     hist = st["history"]
     if hist["ticks"]:
         values = [v for v in hist["saved_bytes"] if isinstance(v, (int, float))]
@@ -241,7 +247,13 @@ def render_text(st: dict[str, Any]) -> str:
     width = max((len(name) for name in c), default=0)
     for name, value in c.items():
         lines.append(f"  {name:<{width}}  {value}")
-    return "\n".join(lines) + "\n"
+    return _text(lines)
+
+
+def _text(lines: list[str]) -> str:
+    """The lines as printed: the state file's strings (explain, error, reason, config_file) are
+    data, so every control character in them is shown escaped, never sent to the terminal."""
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _kib(kib) -> str:

@@ -16,7 +16,7 @@ import os
 import pwd
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import psutil
 
@@ -81,12 +81,12 @@ def look(pid: int) -> Optional[Seen]:
     """
     try:
         proc = psutil.Process(pid)
-        with proc.oneshot():
+        with proc.oneshot():  # one read of /proc/PID/stat for both
             comm, ppid = proc.name(), proc.ppid()
-            zombie = proc.status() == psutil.STATUS_ZOMBIE
+        zombie = False
         try:
-            argv = tuple(proc.cmdline()) if not zombie else ()
-        except psutil.ZombieProcess:
+            argv = tuple(proc.cmdline())
+        except psutil.ZombieProcess:  # psutil's answer to the empty command line of a zombie
             argv, zombie = (), True
         comm_after = proc.name() if argv else comm
     except (psutil.NoSuchProcess, ValueError):  # ZombieProcess is caught above
@@ -102,7 +102,7 @@ def started_s(proc: psutil.Process) -> float:
 def same_process(proc: psutil.Process) -> bool:
     """Is ``proc`` still running, and not a new process under its pid?"""
     try:
-        return proc == psutil.Process(proc.pid)
+        return bool(proc == psutil.Process(proc.pid))
     except (psutil.NoSuchProcess, ValueError):
         return False
 
@@ -123,7 +123,7 @@ def user_name(uid: Optional[int]) -> Optional[str]:
         return str(uid)
 
 
-def uids_of(names: Iterable[str]) -> frozenset:
+def uids_of(names: Iterable[str]) -> FrozenSet[int]:
     """The uids of the users that exist among ``names``."""
     out = set()
     for name in names:
@@ -202,7 +202,7 @@ def boot_time_s() -> float:
 def age_s(pid: int) -> Optional[float]:
     """Seconds since the process started, or None if it is gone."""
     try:
-        return max(0.0, time.time() - psutil.Process(pid).create_time())
+        return max(0.0, time.time() - float(psutil.Process(pid).create_time()))
     except (psutil.Error, ValueError, OSError):
         return None
 
@@ -215,5 +215,6 @@ def iter_processes(attrs: List[str]) -> Iterator[psutil.Process]:
             return iter(())
     except OSError:
         return iter(())
-    return psutil.process_iter(attrs, ad_value=None)
+    procs: Iterator[psutil.Process] = psutil.process_iter(attrs, ad_value=None)
+    return procs
 

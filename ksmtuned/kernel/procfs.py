@@ -12,7 +12,7 @@ import os
 CHUNK = 16384
 
 
-def read_record(path: str | os.PathLike) -> bytes:
+def read_record(path: str | os.PathLike[str]) -> bytes:
     """A file the kernel renders whole on the first read: /proc files of one record (stat,
     statm, status, loadavg, uptime, meminfo, ksm_stat, smaps_rollup; seq_file's single_open)
     and regular files.  One read, unless it filled the buffer: then on to the end of file.
@@ -28,7 +28,7 @@ def read_record(path: str | os.PathLike) -> bytes:
         os.close(fd)
 
 
-def read_bytes(path: str | os.PathLike, limit: int | None = None, nonblock: bool = False) -> bytes:
+def read_bytes(path: str | os.PathLike[str], limit: int | None = None, nonblock: bool = False) -> bytes:
     """Any file's content, read to the end of file (a short read does not mean the end: seq_file
     hands out about a page per read of a file of many records, /proc/PID/cmdline what it
     could copy); or with ``limit``, what one read of at most ``limit`` bytes returns (a sysfs

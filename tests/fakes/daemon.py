@@ -3,8 +3,9 @@ config, KSM directory, pid file and debug log in a temp directory; a fake /proc 
 
 from __future__ import annotations
 
+import json
 import os
-import signal
+import signal as signals
 import subprocess
 import sys
 import time
@@ -20,13 +21,15 @@ class DaemonProc:
     """`python -m ksmtuned --foreground --force` with its own config, KSM dir, pid file and log."""
 
     def __init__(self, tmp: Path, config: str = "", sysfs: Optional[Path] = None, extra: Sequence[str] = (),
-                 debug_log: bool = True, procfs: Optional[Path] = None):
+                 debug_log: bool = True, procfs: Optional[Path] = None, state: Optional[Path] = None,
+                 stderr_name: str = "stderr"):
         self.tmp = Path(tmp)
         self.sysfs = sysfs or fake_ksm_dir(self.tmp / "ksm")
         self.conf = self.tmp / "ksmtuned.conf"
         self.log = self.tmp / "ksmtuned.log"
         self.pidfile = self.tmp / "ksmtune.pid"
-        self.stderr = self.tmp / "stderr"
+        self.state = state or self.tmp / "state.json"  # never the machine's /run/ksmtuned/state.json
+        self.stderr = self.tmp / stderr_name
         self.procfs = procfs
         if debug_log:
             config = f"DEBUG=1\nLOGFILE={self.log}\n" + config
@@ -42,8 +45,9 @@ class DaemonProc:
                 "--pidfile", str(self.pidfile), *procfs, *more]
 
     def start(self, wait_ticks: int = 1) -> "DaemonProc":
-        self._err = open(self.stderr, "w")
-        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *self.extra),
+        self._err = open(self.stderr, "a")
+        state = [] if "--state-file" in self.extra else ["--state-file", str(self.state)]
+        self.proc = subprocess.Popen(self.argv("--foreground", "--force", *state, *self.extra),
                                      stdout=subprocess.DEVNULL, stderr=self._err, cwd=REPO)
         if wait_ticks:
             self.wait_ticks(wait_ticks)
@@ -53,6 +57,11 @@ class DaemonProc:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def cli(self, *args: str) -> list:
+        """argv of a short command (status, check) aimed at this daemon's files."""
+        return [sys.executable, "-m", "ksmtuned", *args, "--config", str(self.conf), "--sysfs", str(self.sysfs),
+                "--pidfile", str(self.pidfile)]
 
     def lines(self) -> list:
         try:
@@ -87,7 +96,7 @@ class DaemonProc:
     def tick(self, timeout_s: float = 30.0) -> None:
         """One more adjust, now (SIGUSR1), and wait for it."""
         n = self.ticks()
-        self.signal(signal.SIGUSR1)
+        self.signal(signals.SIGUSR1)
         self.wait_ticks(n + 1, timeout_s)
 
     def rss_kib(self) -> int:
@@ -102,11 +111,30 @@ class DaemonProc:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
-    def stop(self, timeout_s: float = 10.0) -> Optional[int]:
+    def read_state(self) -> Optional[dict]:
+        """The state file the daemon writes (None before the first write, or for a planted file)."""
+        try:
+            return json.loads(self.state.read_bytes())
+        except (FileNotFoundError, ValueError, RecursionError):
+            return None
+
+    def wait_adjusts(self, n: int, timeout_s: float = 20.0) -> dict:
+        """Wait until this daemon's state file counts at least n adjusts; that state."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            st = self.read_state()
+            if st and self.proc and (st.get("daemon") or {}).get("pid") == self.proc.pid and st["counts"]["adjusts"] >= n:
+                return st
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.stderr.read_text()}")
+            time.sleep(0.01)
+        raise AssertionError(f"no adjust {n} within {timeout_s}s: {self.stderr.read_text()}")
+
+    def stop(self, timeout_s: float = 10.0, sig: int = signals.SIGTERM) -> Optional[int]:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...core.matchers import (DEFAULT_TRUST, MATCHER_NAMES, make_matcher, trusted, trusted_user_names,
                               guest_name)
@@ -29,6 +29,8 @@ log = logging.getLogger("ksmtuned.engine.guests")
 
 #: A process that started this long after its pid file was written is not the one it names.
 PIDFILE_SLACK_S = 2.0
+#: Untrusted guests are logged at most this often (any user can start them: no log flood).
+UNTRUSTED_LOG_EVERY_S = 600.0
 
 
 class GuestFinder:
@@ -61,9 +63,10 @@ class GuestFinder:
         self.pidfiles = PidFiles([(m.name, f"{self.run_dir}/{m.pidfile_dir}") for m in self.matchers
                                   if m.pidfile_dir])
         self._thp_any: Optional[bool] = None
+        self._untrusted_logged_at: Optional[float] = None
 
     @classmethod
-    def from_settings(cls, settings, run_dir: str = "/run", **kw) -> "GuestFinder":
+    def from_settings(cls, settings: Any, run_dir: str = "/run", **kw: Any) -> "GuestFinder":
         """The finder the daemon uses: KSM_GUEST_MATCH, KSM_PS_METRIC, KSM_GUEST_TRUST."""
         return cls(matchers=settings.guest_match, run_dir=str(run_dir), metric=settings.ps_metric,
                    trust=settings.guest_trust, **kw)
@@ -82,6 +85,7 @@ class GuestFinder:
         me = self_pid()
         now = self.clock()
         guests = []
+        skipped = []
         candidates = {e.pid for e in self.table.claimed()} | by_pidfile.keys()
         for pid in sorted(candidates):
             entry = self.table.get(pid)
@@ -93,11 +97,19 @@ class GuestFinder:
             is_trusted = trusted(self.trust, entry.uid, self.trusted_uids,
                                  any(f.root_owned for f in files), entry.cgroup)
             if not is_trusted and not untrusted:
+                skipped.append(entry)
                 continue
             guest = self._measure(entry, ordered, files[0].path if files else None, details, now,
                                   meminfo_fields, is_trusted)
             if guest is not None:
                 guests.append(guest)
+        if skipped and (self._untrusted_logged_at is None or now - self._untrusted_logged_at >= UNTRUSTED_LOG_EVERY_S):
+            self._untrusted_logged_at = now
+            first = skipped[0]
+            log.warning("%d guest-looking process(es) of users KSM_GUEST_TRUST does not trust are not counted "
+                        "(pid %d, %r, user %s%s); see `ksmtuned guests` and docs/security.md",
+                        len(skipped), first.pid, (first.name or first.comm)[:64], first.user,
+                        ", ..." if len(skipped) > 1 else "")
         return guests
 
     def close(self) -> None:
@@ -130,7 +142,7 @@ class GuestFinder:
             self._thp_any = fields is None or fields.get("AnonHugePages", 1) > 0
         return self._thp_any
 
-    def _measure(self, entry: Entry, matchers: tuple, pidfile: Optional[str], details: bool, now: float,
+    def _measure(self, entry: Entry, matchers: Tuple[str, ...], pidfile: Optional[str], details: bool, now: float,
                  fields: Optional[Mapping[str, int]], is_trusted: bool) -> Optional[Guest]:
         proc = entry.proc
         assert proc is not None
@@ -159,7 +171,7 @@ class GuestFinder:
             ksm_merging_pages=_int(ksm.get("ksm_merging_pages")),
             ksm_zero_pages=_int(ksm.get("ksm_zero_pages")),
             ksm_profit_bytes=_int(ksm.get("ksm_process_profit")),
-            ksm_mergeable=ksm.get("ksm_mergeable") if isinstance(ksm.get("ksm_mergeable"), bool) else None,
+            ksm_mergeable=_bool(ksm.get("ksm_mergeable")),
             matchers=matchers,
             comm=entry.comm,
             cmdline=entry.argv,
@@ -183,3 +195,7 @@ class GuestFinder:
 
 def _int(value: object) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _bool(value: object) -> Optional[bool]:
+    return value if isinstance(value, bool) else None

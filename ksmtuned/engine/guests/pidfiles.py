@@ -12,8 +12,7 @@ import stat
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-#: Only pid files this small are read.
-PIDFILE_BYTES = 32
+from ...files import read_pid_file
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,5 @@ class PidFiles:
 
 
 def _read_pid(path: str) -> Optional[int]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, PIDFILE_BYTES).strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    # ASCII digits only (bytes.isdigit() is ASCII-only)
-    return int(text) if text.isdigit() and 0 < int(text) < 1 << 22 else None
+    """ASCII digits only, never blocking, never through a link, at most 64 bytes (ksmtuned.files)."""
+    return read_pid_file(path)
