@@ -224,6 +224,27 @@ def test_sdist_holds_the_data_files(sdist):
         assert f"etc/init.d/{script.name}" in names
 
 
+def test_wheel_carries_the_license_without_pep_639(tmp_path):
+    """pyproject.toml has no `license = "MIT"` (setuptools >= 77 only, and Debian 12 has 66), yet
+    the wheel carries LICENSE and names it (License-File), with this venv's newer setuptools."""
+    try:
+        import build  # noqa: F401
+    except ImportError:
+        pytest.skip("python -m build is not installed (pip install build)")
+    import zipfile
+
+    src = checkout_copy(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with zipfile.ZipFile(next(tmp_path.glob("ksmtuned-*.whl"))) as whl:
+        names = whl.namelist()
+        metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names), names
+    assert "License-File: LICENSE" in metadata
+    assert "ksmtuned/core/config.py" in names
+
+
 # --- the RPM ---------------------------------------------------------------------------------
 
 RPM_FILES = ["/usr/sbin/ksmtuned", "/usr/sbin/ksmctl", "/usr/lib/systemd/system/ksm.service",
