@@ -83,6 +83,16 @@ def test_gen_man_notices_a_stale_table(tmp_path):
     assert gen.render(stale) == page != stale
 
 
+def test_ksmtuned_8_lists_every_exit_code():
+    """EXIT STATUS names each ExitCode (the API the unit's RestartPreventExitStatus= relies on)."""
+    from ksmtuned.errors import ExitCode
+
+    page = (REPO / "man" / "man8" / "ksmtuned.8").read_text()
+    section = page.split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
+    listed = {int(line[3:]) for line in section.splitlines() if line.startswith(".B ") and line[3:].isdigit()}
+    assert listed == {int(code) for code in ExitCode}, "man/man8/ksmtuned.8 EXIT STATUS differs from ExitCode"
+
+
 def test_every_unit_documentation_is_installed():
     """Documentation= names the man pages the packages install (not a README nothing installs)."""
     for unit, page in (("ksmtuned.service", "man:ksmtuned(8)"), ("ksm.service", "man:ksmctl(8)")):
@@ -281,7 +291,8 @@ def _rpm_query(rpm: Path, *flags: str) -> list[str]:
 
 
 def test_rpm_is_noarch_with_the_files(rpm):
-    assert _rpm_query(rpm, "--qf", "%{NAME} %{VERSION} %{ARCH} %{LICENSE}\n") == ["ksmtuned 0.1.0 noarch MIT"]
+    # epoch 1: above Fedora's own ksmtuned package (0.1.0-N), as 1:0.1.0 is above Debian's
+    assert _rpm_query(rpm, "--qf", "%{NAME} %{EPOCH}:%{VERSION} %{ARCH} %{LICENSE}\n") == ["ksmtuned 1:0.1.0 noarch MIT"]
     files = _rpm_query(rpm, "-l")
     assert [f for f in RPM_FILES if f not in files] == []
     assert any(f.endswith("/site-packages/ksmtuned/cli.py") for f in files)
