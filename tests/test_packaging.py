@@ -10,6 +10,7 @@ tool is missing (.ci/run installs them). The Debian 13 install tier is tests/tes
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -360,3 +361,33 @@ def test_deb_builds_with_debian_12s_own_tools(tmp_path):
         r = subprocess.run([lintian, str(tmp_path / "ksmtuned_0.1.0_amd64.changes")], capture_output=True, text=True,
                            env={"PATH": DEBIAN_PATH, "LC_ALL": "C.UTF-8"})
         assert not [line for line in r.stdout.splitlines() if line.startswith("E:")], r.stdout
+
+
+# --- the README --------------------------------------------------------------------------------
+
+README = REPO / "README.md"
+
+
+def test_readme_is_short_and_keeps_ci_s_test_command():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300, "the README is for users: move the rest to docs/"
+    assert "\n.venv/bin/python -m pytest -q\n" in text  # .ci/run runs exactly this
+
+
+def test_readme_lists_every_exit_code():
+    from ksmtuned.errors import ExitCode
+
+    text = README.read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    listed = {int(m) for m in re.findall(r"^\| (\d+) \|", text, re.M)}
+    assert listed == {int(code) for code in ExitCode}
+
+
+def test_readme_links_resolve():
+    text = README.read_text()
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if not target.startswith(("http:", "https:")):
+            assert (REPO / target).exists(), target
+    for path in sorted((REPO / "docs").glob("*.md")):
+        for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
+            if not target.startswith(("http:", "https:")):
+                assert (path.parent / target).exists(), f"{path.name}: {target}"
