@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .core.text import printable
 from .errors import ExitCode, KsmtunedError
 from .paths import (DEFAULT_CONFIG, DEFAULT_PIDFILE, DEFAULT_PROCFS, DEFAULT_RUN_DIR,
                     DEFAULT_STATE_FILE, DEFAULT_SYSFS, KSM_DEFAULTS_FILES, Paths)
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be written, write nothing (works without root)")
     p.add_argument("--force", action="store_true",
-                   help="start even when another KSM tuner (momd, mom-vdsm, another ksmtuned) runs")
+                   help="start even when another KSM tuner (momd, mom-vdsm, KubeVirt's virt-handler, "
+                        "harvester-node-manager, another ksmtuned) runs")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--state-file", metavar="PATH", default=None,
                    help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")
@@ -70,14 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def paths_from(args: argparse.Namespace) -> Paths:
-    """The namespace's paths, the defaults where the command line gave none."""
+    """The namespace's paths, the defaults where the command line gave none.
+
+    Every path is made absolute here, against the directory the command was started in: the
+    forking daemon changes to / before it opens anything, and a relative --procfs would then
+    silently be the real /proc, a relative --pidfile land in /, a SIGHUP read another config.
+    """
     def opt(name: str, default: str) -> str:
         v = getattr(args, name, None)
-        return default if v is None else v
+        return os.path.abspath(default if v is None else v)
 
+    pidfile = getattr(args, "pidfile", None) or None
     return Paths(config=opt("config", DEFAULT_CONFIG), sysfs=opt("sysfs", DEFAULT_SYSFS),
                  procfs=opt("procfs", DEFAULT_PROCFS), run_dir=opt("run_dir", DEFAULT_RUN_DIR),
-                 pidfile=getattr(args, "pidfile", None) or None, state_file=opt("state_file", DEFAULT_STATE_FILE),
+                 pidfile=os.path.abspath(pidfile) if pidfile else None,
+                 state_file=opt("state_file", DEFAULT_STATE_FILE),
                  insecure_config=bool(getattr(args, "insecure_config", False)))
 
 
@@ -92,9 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
+        from .kernel.processes import set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
+        # psutil's root is process-global: set here, once, for every command and the daemon
+        set_procfs(os.path.abspath(paths.procfs))
         if args.command == "check-config":
             from .commands import check_config
 
@@ -116,7 +128,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run.main(paths, foreground=args.foreground, debug=args.debug, once=args.once,
                         dry_run=args.dry_run, force=args.force)
     except KsmtunedError as e:
-        print(f"ksmtuned: {e}", file=sys.stderr)
+        # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
+        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
@@ -159,5 +172,5 @@ def ksmctl_main(argv: Optional[List[str]] = None) -> int:
         return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
                            unmerge_pages=args.unmerge)
     except KsmtunedError as e:
-        print(f"ksmctl: {e}", file=sys.stderr)
+        print(f"ksmctl: {printable(e)}", file=sys.stderr)
         return e.exit_code

@@ -19,6 +19,9 @@ DEFAULT_STATE_FILE = "/run/ksmtuned/state.json"
 DEFAULT_KSM_DEFAULTS = "/etc/default/ksm"
 KSM_DEFAULTS_FILES = (DEFAULT_KSM_DEFAULTS, "/etc/sysconfig/ksm")
 DEFAULT_THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+#: Where no log or metrics file may go: writing there is tuning the kernel
+#: (/proc/sysrq-trigger, /proc/sys/vm/drop_caches, /sys/kernel/mm/ksm/run are regular files).
+KERNEL_DIRS = ("/proc", "/sys")
 
 
 class Paths:

@@ -38,7 +38,7 @@ def settings(text: str, env=None) -> Settings:
     ("LOGFILE=/var/log/ksmtuned", "logfile", "/var/log/ksmtuned"),
     ('LOGFILE="/var/log/ksm tuned"', "logfile", "/var/log/ksm tuned"),
     ("LOGFILE=/var/log/a#b", "logfile", "/var/log/a#b"),              # '#' inside a word is not a comment
-    ('LOGFILE="a\\"b"', "logfile", 'a"b'),
+    ('LOGFILE="/a\\"b"', "logfile", '/a"b'),
     ("DEBUG=1", "debug", True),
     ("DEBUG=yes", "debug", True),
     ("DEBUG=0", "debug", False),
@@ -83,7 +83,17 @@ def test_unknown_key_is_a_warning_with_its_line():
     ("KSM_NPAGES_MAX=12OO", f"{F}:1: KSM_NPAGES_MAX: expected an integer, got '12OO'"),
     ("\n\nKSM_THRES_COEF=abc", f"{F}:3: KSM_THRES_COEF: expected an integer, got 'abc'"),
     ("KSM_THRES_COEF=101", f"{F}:1: KSM_THRES_COEF: expected a value less than or equal to 100, got '101'"),
-    ("KSM_MONITOR_INTERVAL=0", f"{F}:1: KSM_MONITOR_INTERVAL: expected a value greater than 0, got '0'"),
+    ("KSM_MONITOR_INTERVAL=0", f"{F}:1: KSM_MONITOR_INTERVAL: expected a value greater than or equal to 0.01, got '0'"),
+    # issue 11: 1e-300 made the loop spin
+    ("KSM_MONITOR_INTERVAL=1e-300",
+     f"{F}:1: KSM_MONITOR_INTERVAL: expected a value greater than or equal to 0.01, got '1e-300'"),
+    ("LOGFILE=ksmtuned.log", f"{F}:1: LOGFILE: expected an absolute path, got 'ksmtuned.log'"),
+    ("PIDFILE=run/k.pid", f"{F}:1: PIDFILE: expected an absolute path, got 'run/k.pid'"),
+    ("LOGFILE=/proc/sysrq-trigger",
+     f"{F}:1: LOGFILE: expected a path outside /proc and /sys (writing there tunes the kernel), "
+     "got '/proc/sysrq-trigger'"),
+    ("LOGFILE=/var/../sys/kernel/mm/ksm/run", f"{F}:1: LOGFILE: expected a path outside /proc and /sys"),
+    ("KSM_METRICS_TEXTFILE=/proc/sys/vm/drop_caches", f"{F}:1: KSM_METRICS_TEXTFILE: expected a path outside"),
     ("KSM_MONITOR_INTERVAL=soon", f"{F}:1: KSM_MONITOR_INTERVAL: expected a number, got 'soon'"),
     ("KSM_NPAGES_MIN=-1", f"{F}:1: KSM_NPAGES_MIN: expected a value greater than or equal to 0, got '-1'"),
     ("KSM_NPAGES_DECAY=50", f"{F}:1: KSM_NPAGES_DECAY: expected a value less than or equal to 0, got '50'"),
@@ -216,7 +226,7 @@ def test_numbers_bash_and_sleep_read_alike_are_accepted(text, value):
     ("KSM_MONITOR_INTERVAL=inf", "KSM_MONITOR_INTERVAL: expected a number, got 'inf'"),
     ("KSM_MONITOR_INTERVAL=nan", "KSM_MONITOR_INTERVAL: expected a number, got 'nan'"),
     ("KSM_MONITOR_INTERVAL=1_0", "KSM_MONITOR_INTERVAL: expected a number, got '1_0'"),
-    ("KSM_MONITOR_INTERVAL=1e-400", "KSM_MONITOR_INTERVAL: expected a value greater than 0"),
+    ("KSM_MONITOR_INTERVAL=1e-400", "KSM_MONITOR_INTERVAL: expected a value greater than or equal to 0.01"),
     ("KSM_MONITOR_INTERVAL=86401", "KSM_MONITOR_INTERVAL: expected a value less than or equal to 86400"),
 ])
 def test_numbers_the_old_daemon_would_misread_are_refused(text, message):

@@ -281,8 +281,8 @@ def test_the_running_daemon_loads_prometheus_client_only_for_metrics(tmp_path):
         assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-def test_descriptors_kept_open_do_not_grow_with_ticks(tmp_path):
-    """The daemon keeps /proc files it reads every tick open; the count stays flat."""
+def test_descriptors_do_not_grow_with_ticks(tmp_path):
+    """Nothing the daemon reads each tick stays open: its descriptors are the same after 20 ticks."""
     with DaemonProc(tmp_path, PRESSURE) as d:
         def fds():  # (the state file's temp file is open while a tick, counted by its log line, ends)
             return sorted(link for link in (os.readlink(f"/proc/{d.pid}/fd/{n}") for n in os.listdir(f"/proc/{d.pid}/fd"))
@@ -290,7 +290,7 @@ def test_descriptors_kept_open_do_not_grow_with_ticks(tmp_path):
         d.signal(signal.SIGUSR1)
         d.wait_ticks(2)
         first = fds()
-        assert "/proc/meminfo" in first and "/proc/loadavg" in first
+        assert not [f for f in first if f.startswith("/proc/")], first
         for n in range(3, 23):
             d.signal(signal.SIGUSR1)
             d.wait_ticks(n)

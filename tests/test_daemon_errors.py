@@ -42,3 +42,25 @@ def test_same_error_is_rate_limited_and_recovery_logged(tmp_path, caplog):
     d.adjust("interval")
     assert (ksm / "pages_to_scan").read_text() == "1250"
     assert any("adjusting works again (after 700 s of failures)" in r.getMessage() for r in caplog.records)
+
+
+def test_different_meminfo_errors_are_each_logged_and_each_rate_limited(tmp_path, caplog):
+    """Issue 11: after one meminfo error, a different one was silenced for ten minutes."""
+    ksm = fake_ksm_dir(tmp_path)
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    good = "MemTotal: 16777216 kB\nMemFree: 8388608 kB\nBuffers: 0 kB\nCached: 0 kB\n"
+    (procfs / "meminfo").write_text(good)
+    loaded = build_settings([], {}, "none")
+    clock = Clock()
+    d = Daemon(loaded, KsmSysfs(ksm), procfs=procfs, clock=clock)
+    d.adjust("start")
+    caplog.set_level(logging.DEBUG, logger="ksmtuned.engine.daemon")
+    bad = ["MemTotal: 16777216 kB\nBuffers: 0 kB\nCached: 0 kB\n",  # no MemFree
+           "MemTotal: 16777216 kB\nMemFree: x kB\nBuffers: 0 kB\nCached: 0 kB\n"]  # not a number
+    for i in range(40):  # alternating, every second
+        (procfs / "meminfo").write_text(bad[i % 2])
+        d.adjust("interval")
+        clock.now += 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and errors[0] != errors[1], errors

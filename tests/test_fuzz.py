@@ -249,51 +249,6 @@ def meminfo_texts(draw):
     return "\n".join(lines) + draw(st.sampled_from(["\n", "", "\r\n", "\0"]))
 
 
-@FUZZ
-@given(st.one_of(meminfo_texts(), st.text(max_size=300)))
-@example("")
-@example("MemTotal: 1 kB\nMemFree: 2 kB\nBuffers: 0 kB\nCached: 0 kB\n")
-@example("MemTotal: 0 kB\n")
-@example("MemTotal: " + "9" * 5000 + " kB\n")
-def test_meminfo_parses_or_names_its_line_and_field(text):
-    with no_hang():
-        try:
-            fields = meminfo.parse_meminfo(text, M)
-        except MeminfoError as e:
-            m = MEMINFO_LOC.match(str(e))
-            assert m, str(e)
-            assert 1 <= int(m.group(1)) <= max(1, len(text.splitlines()))
-            return
-        assert all(isinstance(v, int) and v >= 0 for v in fields.values())
-        for metric in ("classic", "available"):
-            try:
-                free = meminfo.free_kib(fields, metric, M)
-            except MeminfoError as e:
-                assert str(e).startswith(f"{M}: "), str(e)
-                assert re.search(r"MemTotal|MemFree|Buffers|Cached|MemAvailable", str(e)), str(e)
-                continue
-            assert 0 <= free <= meminfo.total_kib(fields, M)
-
-
-@FUZZ
-@given(st.one_of(meminfo_texts(), st.text(max_size=300)))
-@example("MemTotal: 0012 kB\nHugePages_Total: 3\nActive(anon): 1 kB\nMemTotal: 5 kB\n")
-@example("MemTotal: " + "9" * 20 + " kB\n")
-@example("MemTotal: " + "9" * 21 + " kB\n")
-@example("MemTotal:\t1 kB\n")
-@example("MemTotal: 1 kB\n\nMemFree: 1 kB\n")
-@example("MemTotal: 1 kB\nxx Foo: 1 kB\n")
-def test_meminfo_fast_path_gives_what_the_line_by_line_parser_gives(text):
-    """parse_meminfo's whole-text fast path: the same fields, or the same error, as the strict loop."""
-    def outcome(parse):
-        try:
-            return parse(text, M)
-        except MeminfoError as e:
-            return str(e)
-
-    assert outcome(meminfo.parse_meminfo) == outcome(meminfo._parse_strictly)
-
-
 # --- the command line -------------------------------------------------------------------------
 
 ARG_PIECES = ["--foreground", "--config", "--debug", "--once", "--dry-run", "--sysfs", "--procfs", "--pidfile",

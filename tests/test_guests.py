@@ -21,8 +21,9 @@ import pytest
 
 from ksmtuned.service.config_file import load_config
 from ksmtuned.errors import ConfigError
-from ksmtuned.engine.guests import (CLK_TCK, PF_FORKNOEXEC, YOUNG_S, Guest, GuestFinder, committed_kib, guest_name,
-                             make_matcher)
+from ksmtuned.engine.guests import YOUNG_S, Guest, GuestFinder, committed_kib, guest_name, make_matcher
+from tests.fakes.guests import HOLD, FakeGuests
+from tests.fakes.proc import BOOT_S, CLK_TCK, FakeProc, meminfo_text, using_procfs
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
@@ -113,51 +114,14 @@ def test_invalid_regex_is_a_config_error_with_its_line(tmp_path):
 def test_from_settings_takes_matchers_and_metric(tmp_path):
     conf = tmp_path / "ksmtuned.conf"
     conf.write_text("KSM_GUEST_MATCH=proxmox,regex:^/opt/vm\nKSM_PS_METRIC=pss\n")
-    finder = GuestFinder.from_settings(load_config(conf, env={}).settings, procfs=Path("/proc"))
+    finder = GuestFinder.from_settings(load_config(conf, env={}).settings)
     assert finder.matcher_names == ("proxmox", "regex:^/opt/vm")
     assert finder.metric == "pss"
+    assert finder.trust == ("root", "hypervisor", "pidfile", "machine-slice")
 
 
 # -------------------------------------------------------------------------------------------
 # real fake guests
-
-HOLD = textwrap.dedent("""
-    import signal, sys
-    ram = bytearray(b"\\x5a") * (int(sys.argv[sys.argv.index("-m") + 1]) << 20)
-    print("ready", flush=True)
-    while True:
-        signal.pause()
-""")
-
-
-class FakeGuests:
-    """Python processes that look like QEMU (name and command line), holding known memory."""
-
-    def __init__(self, tmp: Path):
-        self.bindir = tmp / "bin"
-        self.bindir.mkdir(exist_ok=True)
-        self.procs: list[subprocess.Popen] = []
-
-    def link(self, name: str) -> Path:
-        link = self.bindir / name
-        if not link.exists():
-            link.symlink_to(sys.executable)
-        return link
-
-    def start(self, exe_name: str, argv0: str, args: list[str], mib: int = 8) -> subprocess.Popen:
-        """exe_name: the file exec'd (sets comm); argv0: what the command line shows."""
-        p = subprocess.Popen([argv0, "-I", "-S", "-c", HOLD, *args, "-m", str(mib)], executable=self.link(exe_name),
-                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.procs.append(p)
-        assert p.stdout.readline() == b"ready\n"
-        return p
-
-    def stop(self):
-        for p in self.procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-
 
 @pytest.fixture
 def fakes(tmp_path):
@@ -223,7 +187,7 @@ def test_a_guest_that_exits_is_dropped(fakes, tmp_path):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.pid not in _ours(finder.scan(), [p])
-    assert p.pid not in finder._cache
+    assert p.pid not in _ours(finder.scan(details=True), [p])
 
 
 def test_a_process_that_execs_qemu_after_it_was_seen_is_found(tmp_path, fakes):
@@ -264,9 +228,10 @@ def test_procfs_is_honoured(fakes, tmp_path):
     b = fakes.start("qemu-system-x86_64", "qemu-system-x86_64", ["-enable-kvm", "-name", "b"])
     procfs = tmp_path / "proc"
     procfs.mkdir()
-    for name in ("stat", "uptime", "loadavg", "meminfo", str(a.pid)):
+    for name in ("stat", "uptime", "meminfo", str(a.pid)):
         (procfs / name).symlink_to(f"/proc/{name}")
-    found = GuestFinder(procfs=procfs, run_dir=tmp_path).scan()
+    with using_procfs(procfs):
+        found = GuestFinder(run_dir=tmp_path).scan()
     assert [(g.pid, g.name) for g in found] == [(a.pid, "a")]
     assert b.pid not in {g.pid for g in found}
 
@@ -321,236 +286,6 @@ def test_cli_guests_json(fakes, tmp_path):
     assert "committed (pss):" in r.stdout
 
 
-# -------------------------------------------------------------------------------------------
-# a fake /proc: pid reuse and the THP warning, which the kernel cannot give on demand
-
-BOOT = 1_700_000_000
-
-
-def _fake_proc(procfs: Path, pid: int, comm: str, argv: list[str], start_ticks: int, rss_pages: int = 2560,
-               thp_kib: int = 0, ppid: int = 1, flags: int = 0) -> None:
-    d = procfs / str(pid)
-    d.mkdir(parents=True, exist_ok=True)
-    stat = [str(pid), f"({comm})", "S", str(ppid)] + ["0"] * 17 + [str(start_ticks)] + ["0"] * 30
-    stat[8] = str(flags)  # field 9
-    (d / "stat").write_text(" ".join(stat) + "\n")
-    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
-    (d / "statm").write_text(f"{rss_pages * 2} {rss_pages} 0 0 0 0 0\n")
-    (d / "status").write_text(f"Name:\t{comm}\nUid:\t0\t0\t0\t0\n")
-    (d / "smaps_rollup").write_text(f"Rss: {rss_pages * 4} kB\nPss: {rss_pages * 2} kB\nAnonHugePages: {thp_kib} kB\n")
-    (d / "ksm_stat").write_text("ksm_rmap_items 0\nksm_merging_pages 5\nksm_process_profit 100\nksm_mergeable: yes\n")
-
-
-def _replace_proc(procfs: Path, pid: int, *args, **kw) -> None:
-    """A new process under an old pid: a new directory (a new inode, as /proc gives)."""
-    import shutil
-
-    _fake_proc(procfs / "new", pid, *args, **kw)
-    shutil.rmtree(procfs / str(pid))
-    (procfs / "new" / str(pid)).rename(procfs / str(pid))
-    (procfs / "new").rmdir()
-
-
-@pytest.fixture
-def fakeproc(tmp_path):
-    procfs = tmp_path / "proc"
-    procfs.mkdir()
-    (procfs / "stat").write_text(f"cpu 0 0 0 0\nbtime {BOOT}\n")
-    (procfs / "uptime").write_text("100000.00 1.00\n")
-    (procfs / "loadavg").write_text("0.00 0.00 0.00 1/100 4242\n")
-    return procfs
-
-
-def test_a_reused_pid_is_never_the_old_guest(fakeproc, tmp_path, caplog):
-    _fake_proc(fakeproc, 4242, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "old"], 1000)
-    finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-    [g] = finder.scan()
-    assert (g.pid, g.name) == (4242, "old")
-    # the guest exits and pid 4242 goes to a shell; the kernel's pid cursor moved
-    _replace_proc(fakeproc, 4242, "bash", ["bash"], 9000000)
-    (fakeproc / "loadavg").write_text("0.00 0.00 0.00 1/101 4242\n")
-    assert finder.scan() == []
-    # and the other way round: a guest gets the pid a non-guest had
-    _replace_proc(fakeproc, 4242, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "new"], 9500000)
-    (fakeproc / "loadavg").write_text("0.00 0.00 0.00 1/102 4242\n")
-    [g] = finder.scan()
-    assert g.name == "new"
-
-
-def test_unchanged_process_table_reads_no_command_line(fakeproc, tmp_path):
-    _fake_proc(fakeproc, 10, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm"], 1000)
-    _fake_proc(fakeproc, 11, "sleep", ["sleep", "100"], 1000)
-    finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-    assert [g.pid for g in finder.scan()] == [10]
-    # were the command lines read again, the sleep would now be a guest
-    (fakeproc / "11" / "cmdline").write_bytes(b"qemu-system-x86_64\0-enable-kvm\0")
-    assert [g.pid for g in finder.scan()] == [10]
-    (fakeproc / "loadavg").write_text("0.00 0.00 0.00 1/100 4243\n")  # a pid was allocated
-    assert [g.pid for g in finder.scan()] == [10]  # ... but /proc/11 is the same directory
-
-
-@pytest.mark.parametrize("after_exec", [
-    ("bash", ["qemu-system-x86_64", "-enable-kvm"]),  # a new command line, the same name
-    ("qemu-kvm", ["bash", "/usr/lib/hook"]),  # a new name, the same command line
-])
-def test_a_young_fork_that_execs_is_seen_at_the_next_scan(fakeproc, tmp_path, after_exec):
-    """A forked child still runs its parent's program and is looked at again each scan while
-    young; an exec that changes its name or its command line alone is seen."""
-    young = 100000 * CLK_TCK - 5 * CLK_TCK  # started 5 s ago (uptime 100000 s)
-    _fake_proc(fakeproc, 30, "bash", ["bash", "/usr/lib/hook"], 1000)
-    _fake_proc(fakeproc, 31, "bash", ["bash", "/usr/lib/hook"], young, ppid=30)
-    finder = GuestFinder(procfs=fakeproc, matchers=["redhat", "debian"], run_dir=tmp_path)
-    assert finder.scan() == [] and 31 in finder._young
-    assert finder.scan() == [] and 31 in finder._young  # looked at again: nothing changed
-    comm, argv = after_exec
-    _fake_proc(fakeproc, 31, comm, argv, young, ppid=30)  # no new pid: only the look again sees it
-    assert [g.pid for g in finder.scan()] == [31]
-    assert 31 not in finder._young
-
-
-def test_a_young_fork_that_has_not_exec_d_is_looked_at_through_its_stat_alone(fakeproc, tmp_path):
-    """The kernel sets PF_FORKNOEXEC at fork and clears it in execve: while it is set and the
-    parent and name are the same, the command line is not read again; once it is clear, it is."""
-    young = 100000 * CLK_TCK - 5 * CLK_TCK
-    _fake_proc(fakeproc, 30, "bash", ["bash", "/usr/lib/hook"], 1000)
-    _fake_proc(fakeproc, 31, "bash", ["bash", "/usr/lib/hook"], young, ppid=30, flags=PF_FORKNOEXEC | 0x400000)
-    finder = GuestFinder(procfs=fakeproc, matchers=["redhat", "debian"], run_dir=tmp_path)
-    assert finder.scan() == [] and 31 in finder._young
-    reads = finder.argv_reads
-    assert finder.scan() == [] and finder.argv_reads == reads and 31 in finder._young
-    # the command line alone changed (no exec: the flag is still set): not looked at
-    (fakeproc / "31" / "cmdline").write_bytes(b"qemu-system-x86_64\0-enable-kvm\0")
-    assert finder.scan() == [] and finder.argv_reads == reads
-    # a new parent (reparented: the -daemonize case) is looked at in full
-    _fake_proc(fakeproc, 31, "bash", ["qemu-system-x86_64", "-enable-kvm"], young, ppid=1, flags=PF_FORKNOEXEC)
-    assert [g.pid for g in finder.scan()] == [31] and finder.argv_reads > reads
-
-
-def test_a_young_fork_that_grows_old_without_exec_is_final(fakeproc, tmp_path):
-    young = 100000 * CLK_TCK - 5 * CLK_TCK
-    _fake_proc(fakeproc, 30, "bash", ["bash"], 1000)
-    _fake_proc(fakeproc, 31, "bash", ["bash"], young, ppid=30, flags=PF_FORKNOEXEC)
-    finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-    finder.scan()
-    assert 31 in finder._young
-    (fakeproc / "uptime").write_text(f"{100000 + YOUNG_S:.2f} 1.00\n")
-    finder.scan()
-    assert 31 not in finder._young
-
-
-def test_a_real_fork_is_read_once_until_it_execs(tmp_path):
-    """Against the real kernel: a forked child that has not exec'd costs one stat read per scan;
-    its exec (into a guest-looking program) is seen at the next scan."""
-    go = tmp_path / "go"
-    link = tmp_path / "qemu-system-x86_64"
-    link.symlink_to(os.path.realpath(sys.executable))
-    code = textwrap.dedent(f"""
-        import os, sys, time
-        pid = os.fork()
-        if pid == 0:
-            while not os.path.exists({str(go)!r}):
-                time.sleep(0.01)
-            os.execv({str(link)!r}, ["qemu-system-x86_64", "-I", "-S", "-c", {HOLD!r}, "-enable-kvm", "-m", "4"])
-        print(pid, flush=True)
-        os.wait()
-    """)
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    child = int(parent.stdout.readline())
-    try:
-        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
-        assert child not in {g.pid for g in finder.scan()}
-        assert child in finder._young
-        flags = int(Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[6])
-        assert flags & PF_FORKNOEXEC, "the kernel shows PF_FORKNOEXEC on a fork that has not exec'd"
-        reads = finder.argv_reads
-        finder.scan()
-        finder.scan()
-        assert finder.argv_reads == reads, "a fork that has not exec'd had its command line read again"
-        go.write_text("")
-        deadline = time.monotonic() + 10
-        while child not in {g.pid for g in finder.scan()}:
-            assert time.monotonic() < deadline, "the exec'd guest was never found"
-            time.sleep(0.05)
-    finally:
-        os.kill(child, signal.SIGKILL)
-        parent.wait(10)
-
-
-def test_a_zombie_is_not_looked_at_again(tmp_path):
-    """A zombie's command line is empty, as a process's inside execve(); but a zombie never
-    runs again, so it is not read again each scan as a maybe-exec'ing process is."""
-    child = subprocess.Popen(["true"])
-    try:
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
-            assert time.monotonic() < deadline, "the child never became a zombie"
-            time.sleep(0.01)
-        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
-        finder.scan()
-        assert child.pid in finder._cache and child.pid not in finder._young
-        assert child.pid not in {g.pid for g in finder.scan()} and child.pid not in finder._young
-    finally:
-        child.wait()
-
-
-def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
-    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
-               rss_pages=65536, thp_kib=200 * 1024)
-    _fake_proc(fakeproc, 21, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "small"], 1000,
-               rss_pages=65536, thp_kib=2048)
-    finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
-        gs = {g.name: g for g in finder.scan(details=True)}
-        finder.scan(details=True)
-        finder.scan()
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1, warnings
-    assert "big (pid 20): 200 MiB of its 256 MiB" in warnings[0] and "transparent huge pages" in warnings[0]
-    assert gs["big"].thp_warning and not gs["small"].thp_warning
-    assert gs["big"].ksm_merging_pages == 5 and gs["big"].ksm_profit_bytes == 100 and gs["big"].ksm_mergeable
-
-
-def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_path, caplog):
-    """The daemon passes the /proc/meminfo it read for the tick; the finder reads it only without."""
-    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
-               rss_pages=65536, thp_kib=200 * 1024)
-    (fakeproc / "meminfo").write_text("MemTotal: 1000000 kB\nAnonHugePages: 0 kB\n")
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
-        # its own reading: no THP on the host, so no smaps_rollup walk and no warning
-        [g] = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path).scan()
-        assert g.thp_kib is None
-        # the caller's reading wins over the file
-        finder = GuestFinder(procfs=fakeproc, matchers=["debian"], run_dir=tmp_path)
-        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 0})
-        assert g.thp_kib is None
-        assert not caplog.records
-        [g] = finder.scan(meminfo={"MemTotal": 1000000, "AnonHugePages": 4096})
-        assert g.thp_kib == 200 * 1024 and g.thp_warning
-    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
-
-
-def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_path, caplog):
-    from ksmtuned.core.config import build_settings
-    from ksmtuned.engine.daemon import Daemon
-    from ksmtuned.kernel.ksm import KsmSysfs
-    from tests.daemon_support import fake_ksm_dir
-    from tests.faultrig import meminfo_text
-
-    _fake_proc(fakeproc, 20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
-               rss_pages=65536, thp_kib=200 * 1024)
-    (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 0 kB\n")
-    loaded = build_settings([], {"KSM_GUEST_MATCH": "debian"}, "none")
-    d = Daemon(loaded, KsmSysfs(fake_ksm_dir(tmp_path)), procfs=fakeproc, run_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
-        report = d.adjust("interval")
-        assert [g.thp_kib for g in report.guests] == [None] and report.error is None
-        assert not caplog.records
-        (fakeproc / "meminfo").write_text(meminfo_text() + "AnonHugePages: 4096 kB\n")
-        report = d.adjust("interval")
-        assert [g.thp_kib for g in report.guests] == [200 * 1024]
-    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
-
-
 def test_a_fork_of_a_guest_is_not_a_second_guest(fakes, tmp_path):
     """QEMU forks to run helper scripts: before exec, the child looks exactly like its guest."""
     code = textwrap.dedent("""
@@ -599,23 +334,213 @@ def test_a_daemonized_guest_is_found_once_its_parent_exits(fakes, tmp_path):
         os.kill(child, signal.SIGKILL)
 
 
-def test_a_guest_s_files_stay_open_while_it_lives_and_close_when_it_exits(fakes, tmp_path):
-    """On the real /proc the finder keeps each guest's statm and ksm_stat open (one pread per
-    scan); a guest that exits takes its descriptors with it, and a new finder after reload
-    closes the old one's."""
-    g = fakes.start("qemu-system-x86_64", "qemu-system-x86_64", ["-enable-kvm", "-name", "kept"])
+def test_a_zombie_is_not_a_guest_and_not_looked_at_again(tmp_path):
+    """A zombie's command line is empty, as a process's inside execve(); but a zombie never
+    runs again, so it is not looked at again each scan as a maybe-exec'ing process is."""
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        finder.scan()
+        assert child.pid not in {g.pid for g in finder.scan()}
+        assert child.pid not in finder.table.young()
+    finally:
+        child.wait()
+
+
+# -------------------------------------------------------------------------------------------
+# a fake /proc: pid reuse, a fork that has not exec'd, the THP warning, which the kernel
+# cannot give on demand
+
+
+@pytest.fixture
+def fakeproc(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    with using_procfs(proc.root):
+        yield proc
+
+
+def test_a_reused_pid_is_never_the_old_guest(fakeproc, tmp_path):
+    fakeproc.process(4242, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "old"], 1000)
     finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
-    assert g.pid in _ours(finder.scan(), [g])
-    prefix = f"/proc/{g.pid}/"
-    kept = sorted(p for p in finder._files._fds if p.startswith(prefix))
-    assert kept == [prefix + "ksm_stat", prefix + "statm"]
-    fds = len(os.listdir("/proc/self/fd"))
-    for _ in range(5):
-        assert g.pid in _ours(finder.scan(), [g])
-    assert len(os.listdir("/proc/self/fd")) == fds  # read again, not opened again
-    os.kill(g.pid, signal.SIGKILL)
-    g.wait()
-    assert g.pid not in _ours(finder.scan(), [g])
-    assert not [p for p in finder._files._fds if p.startswith(prefix)]
-    finder.close()
-    assert len(finder._files) == 0
+    [g] = finder.scan()
+    assert (g.pid, g.name) == (4242, "old")
+    # the guest exits and pid 4242 goes to a shell
+    fakeproc.replace(4242, "bash", ["bash"], 9000000)
+    assert finder.scan() == []
+    # and the other way round: a guest gets the pid a non-guest had
+    fakeproc.replace(4242, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "new"], 9500000)
+    [g] = finder.scan()
+    assert g.name == "new"
+
+
+def test_unchanged_process_table_reads_no_command_line(fakeproc, tmp_path):
+    fakeproc.process(10, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm"], 1000)
+    fakeproc.process(11, "sleep", ["sleep", "100"], 1000)
+    finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+    assert [g.pid for g in finder.scan()] == [10]
+    # were the command lines read again, the sleep would now be a guest: /proc/11 is the same
+    # directory, so the same process, whose verdict stands
+    (fakeproc.root / "11" / "cmdline").write_bytes(b"qemu-system-x86_64\0-enable-kvm\0")
+    assert [g.pid for g in finder.scan()] == [10]
+    assert [g.pid for g in finder.scan()] == [10]
+
+
+def _young_fork(fakeproc, now_s, comm="bash", argv=("bash", "/usr/lib/hook")):
+    fakeproc.process(30, "bash", ["bash", "/usr/lib/hook"], 1000)
+    fakeproc.process(31, comm, list(argv), fakeproc.started_ago_ticks(5, now_s), ppid=30)
+
+
+@pytest.mark.parametrize("after_exec", [
+    ("bash", ["qemu-system-x86_64", "-enable-kvm"]),  # a new command line, the same name
+    ("qemu-kvm", ["bash", "/usr/lib/hook"]),  # a new name, the same command line
+])
+def test_a_young_fork_that_execs_is_seen_at_the_next_scan(fakeproc, tmp_path, after_exec):
+    """A forked child still runs its parent's program and is looked at again each scan while
+    young; an exec that changes its name or its command line alone is seen."""
+    _young_fork(fakeproc, time.time())
+    finder = GuestFinder(matchers=["redhat", "debian"], run_dir=tmp_path)
+    assert finder.scan() == []
+    assert finder.scan() == []  # looked at again: nothing changed
+    comm, argv = after_exec
+    # the same directory (no new pid, no new inode): only the look again sees it
+    fakeproc.process(31, comm, argv, fakeproc.started_ago_ticks(5, time.time()), ppid=30)
+    assert [g.pid for g in finder.scan()] == [31]
+
+
+def test_a_young_fork_that_grows_old_without_exec_is_final(fakeproc, tmp_path):
+    now = [time.time()]
+    _young_fork(fakeproc, now[0])
+    finder = GuestFinder(matchers=["debian"], run_dir=tmp_path, wall_clock=lambda: now[0])
+    assert finder.scan() == []
+    now[0] += YOUNG_S
+    assert finder.scan() == []  # looked at once more: now old, and final
+    (fakeproc.root / "31" / "cmdline").write_bytes(b"qemu-system-x86_64\0-enable-kvm\0")
+    assert finder.scan() == []
+
+
+def test_thp_warning_once_per_guest(fakeproc, tmp_path, caplog):
+    fakeproc.process(20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+                     rss_pages=65536, thp_kib=200 * 1024)
+    fakeproc.process(21, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "small"], 1000,
+                     rss_pages=65536, thp_kib=2048)
+    finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
+        gs = {g.name: g for g in finder.scan(details=True)}
+        finder.scan(details=True)
+        finder.scan()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "big (pid 20): 200 MiB of its 256 MiB" in warnings[0] and "transparent huge pages" in warnings[0]
+    assert gs["big"].thp_warning and not gs["small"].thp_warning
+    assert gs["big"].ksm_merging_pages == 5 and gs["big"].ksm_profit_bytes == 100 and gs["big"].ksm_mergeable
+    assert gs["big"].pss_kib == 65536 * 2 and gs["big"].rss_kib == 65536 * 4
+
+
+def test_thp_check_takes_anonhugepages_from_the_callers_meminfo(fakeproc, tmp_path, caplog):
+    """The daemon passes the /proc/meminfo it read for the tick; the finder reads it only without."""
+    fakeproc.process(20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+                     rss_pages=65536, thp_kib=200 * 1024)
+    fakeproc.meminfo("MemTotal: 1000000 kB\nAnonHugePages: 0 kB\n")
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
+        # its own reading: no THP on the host, so no smaps_rollup walk and no warning
+        [g] = GuestFinder(matchers=["debian"], run_dir=tmp_path).scan()
+        assert g.thp_kib is None
+        # the caller's reading wins over the file
+        finder = GuestFinder(matchers=["debian"], run_dir=tmp_path)
+        [g] = finder.scan(meminfo_fields={"MemTotal": 1000000, "AnonHugePages": 0})
+        assert g.thp_kib is None
+        assert not caplog.records
+        [g] = finder.scan(meminfo_fields={"MemTotal": 1000000, "AnonHugePages": 4096})
+        assert g.thp_kib == 200 * 1024 and g.thp_warning
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_the_daemons_thp_warning_follows_its_own_meminfo_reading(fakeproc, tmp_path, caplog):
+    from ksmtuned.core.config import build_settings
+    from ksmtuned.engine.daemon import Daemon
+    from ksmtuned.kernel.ksm import KsmSysfs
+    from tests.fakes.ksm import fake_ksm_dir
+
+    fakeproc.process(20, "qemu-system-x86", ["qemu-system-x86_64", "-enable-kvm", "-name", "big"], 1000,
+                     rss_pages=65536, thp_kib=200 * 1024)
+    fakeproc.meminfo(meminfo_text(anon_huge_kib=0))
+    loaded = build_settings([], {"KSM_GUEST_MATCH": "debian"}, "none")
+    d = Daemon(loaded, KsmSysfs(fake_ksm_dir(tmp_path / "ksm")), procfs=fakeproc.root, run_dir=tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ksmtuned.engine.guests"):
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [None] and report.error is None
+        assert not caplog.records
+        fakeproc.meminfo(meminfo_text(anon_huge_kib=4096))
+        report = d.adjust("interval")
+        assert [g.thp_kib for g in report.guests] == [200 * 1024]
+    assert ["big (pid 20): 200 MiB" in r.getMessage() for r in caplog.records] == [True]
+
+
+# -------------------------------------------------------------------------------------------
+# trust (KSM_GUEST_TRUST): whose guest-looking processes count
+
+
+def test_trust_by_owner_pid_file_and_cgroup(fakeproc, tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    argv = ["qemu-system-x86_64", "-enable-kvm", "-name"]
+    fakeproc.process(40, "qemu-system-x86", argv + ["rootvm"], 1000)
+    fakeproc.process(41, "qemu-system-x86", argv + ["fake"], 1000, uid=nobody)
+    fakeproc.process(42, "qemu-system-x86", argv + ["sliced"], 1000, uid=nobody)
+    (fakeproc.root / "42" / "cgroup").write_text("0::/machine.slice/machine-qemu\\x2d1\\x2dsliced.scope/libvirt\n")
+    fakeproc.process(43, "qemu-system-x86", argv + ["userslice"], 1000, uid=nobody)
+    (fakeproc.root / "43" / "cgroup").write_text("0::/user.slice/user-65534.slice/machine.slice/x.scope\n")
+    run = tmp_path / "run"
+    (run / "libvirt/qemu").mkdir(parents=True)
+    fakeproc.process(44, "qemu-system-x86", argv + ["pidfiled"], 1000, uid=nobody)
+    (run / "libvirt/qemu/pidfiled.pid").write_text("44\n")
+
+    def counted(trust):
+        gs = GuestFinder(matchers=["debian", "libvirt"], run_dir=run, trust=trust).scan()
+        assert {g.pid for g in gs} == {40, 41, 42, 43, 44}  # all are found and shown ...
+        return {g.pid for g in gs if g.trusted}  # ... these count
+
+    assert counted(("root", "hypervisor", "pidfile", "machine-slice")) == {40, 42, 44}
+    assert counted(("root",)) == {40}
+    assert counted(("machine-slice",)) == {42}  # a user's own .../machine.slice/ is not it
+    assert counted(("pidfile",)) == {44}
+    assert counted(("any",)) == {40, 41, 42, 43, 44}
+    assert counted(("user:nobody",)) == {41, 42, 43, 44}
+    [g] = [g for g in GuestFinder(matchers=["debian"], run_dir=run).scan() if g.pid == 41]
+    assert (g.uid, g.user, g.trusted) == (nobody, "nobody", False)
+    # the daemon's scan leaves them out, and committed memory never counts them
+    daemon_view = GuestFinder(matchers=["debian"], run_dir=run).scan(untrusted=False)
+    assert {g.pid for g in daemon_view} == {40, 42}
+    every = GuestFinder(matchers=["debian"], run_dir=run).scan()
+    assert committed_kib(every) == committed_kib(daemon_view)
+
+
+def test_a_pid_file_others_can_write_vouches_for_nothing(fakeproc, tmp_path):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    run = tmp_path / "run"
+    (run / "libvirt/qemu").mkdir(parents=True)
+    os.chmod(run / "libvirt/qemu", 0o777)
+    fakeproc.process(44, "qemu-system-x86", ["qemu-system-x86_64", "-name", "x"], 1000, uid=nobody)
+    (run / "libvirt/qemu/x.pid").write_text("44\n")
+    [g] = GuestFinder(matchers=["libvirt"], run_dir=run, trust=("pidfile",)).scan()
+    assert (g.pid, g.pidfile is not None, g.trusted) == (44, True, False)
+
+
+def test_the_kept_command_line_is_bounded(fakeproc, tmp_path):
+    """A guest with a huge command line is found (its -enable-kvm is at the end), but only
+    ARGV_KEEP_BYTES of it are kept (issue 11, class 3)."""
+    from ksmtuned.core.matchers import ARGV_KEEP_BYTES
+
+    argv = ["qemu-system-x86_64", "-name", "guest=huge"] + ["x" * 1000] * 2000 + ["-enable-kvm"]
+    fakeproc.process(50, "qemu-system-x86", argv, 1000)
+    [g] = GuestFinder(matchers=["debian"], run_dir=tmp_path).scan()
+    assert g.name == "huge"
+    assert sum(len(a) for a in g.cmdline) <= ARGV_KEEP_BYTES
+    assert g.cmdline[:3] == ("qemu-system-x86_64", "-name", "guest=huge")

@@ -1,7 +1,7 @@
 """The package's layers (README "Code layout", docs/design.md): imports point down only, no
 import cycles, and the pure layer does no I/O.
 
-    cli -> commands -> engine -> {report, service} -> {core, kernel} -> {errors, paths}
+    cli -> commands -> engine -> {report, service} -> {core, kernel} -> {errors, paths, files}
 
 ``kernel`` may use ``core``'s plain data types (a knob ``Write``, a ``Guest``), never the
 reverse; ``report`` (observers of a finished tick) has no kernel access.  Imports inside functions count too; only ``if TYPE_CHECKING:`` blocks are ignored.
@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ksmtuned"
 
 #: layer -> rank; a module may import modules of a lower rank or of its own layer's package
-RANK = {"errors": 0, "paths": 0, "core": 1, "kernel": 2, "report": 3, "service": 3, "engine": 4,
+RANK = {"errors": 0, "paths": 0, "files": 0, "core": 1, "kernel": 2, "report": 3, "service": 3, "engine": 4,
         "commands": 5, "cli": 6, "__main__": 7}
 #: what the pure layer may not import: I/O, clocks, logging, processes
 IMPURE = {"logging", "time", "subprocess", "socket", "shutil", "fcntl", "signal", "psutil", "threading",

@@ -246,19 +246,20 @@ def test_metric_names_are_ksmtuned_prefixed_and_unique():
     assert value(smp, "ksmtuned_ksm_advisor_mode", mode="scan-time") == 1
 
 
-def test_textfile_format_is_generate_latest_byte_for_byte():
-    """The textfile's own fast formatter writes exactly what prometheus_client would."""
-    from prometheus_client import CollectorRegistry, generate_latest
-    from ksmtuned.report.metrics import LastTickCollector, exposition
+def test_the_textfile_is_generate_latest_of_the_registry(tmp_path):
+    """One renderer: prometheus_client's own exposition, for the textfile as for a scrape."""
+    from prometheus_client import generate_latest
+    from ksmtuned.report.metrics import Metrics
 
-    collector = LastTickCollector("9")
-    collector.data = _full_tick()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
+    m = Metrics("9")
+    textfile = tmp_path / "ksmtuned.prom"
+    m.configure(None, str(textfile))
+    assert m.render() == b""  # before the first tick: nothing, not an error
     odd = GuestData(3, 'new\nline "q" back\\slash ü', "regex", 1, 2, 3)
-    collector.data = TickData(**{**_full_tick().__dict__, "guests": (odd,), "error": "x", "last_success_s": None})
-    assert exposition(rows(collector.data, "9")) == generate_latest(registry)
+    m.update(TickData(**{**_full_tick().__dict__, "guests": (odd,), "error": "x", "last_success_s": None}))
+    assert textfile.read_bytes() == generate_latest(m.registry) != b""
+    smp = samples(textfile.read_text())
+    assert value(smp, "ksmtuned_guest_memory_bytes", guest='new\nline "q" back\\slash ü', pid="3") == 1024
 
 
 def exported_names() -> set[str]:
@@ -320,6 +321,22 @@ tests:
         values: '0x120'
       - series: 'ksmtuned_monitor_interval_seconds{{instance="busy"}}'
         values: '60x120'
+      # ...while its adjusts run (and fail) every minute: it still exports
+      - series: 'ksmtuned_last_adjust_timestamp_seconds{{instance="busy"}}'
+        values: '0+60x120'
+      # a host whose metrics vanish after 10 minutes (endpoint down, textfile removed)
+      - series: 'ksmtuned_last_adjust_timestamp_seconds{{instance="gone"}}'
+        values: '0+60x10 stale'
+      - series: 'ksmtuned_monitor_interval_seconds{{instance="gone"}}'
+        values: '60x10 stale'
+      # a dead daemon's textfile, served on: the timestamps stay put (not adjusting either, but
+      # that is KsmtunedNotExporting's to say)
+      - series: 'ksmtuned_last_adjust_timestamp_seconds{{instance="stale"}}'
+        values: '0x120'
+      - series: 'ksmtuned_last_success_timestamp_seconds{{instance="stale"}}'
+        values: '0x120'
+      - series: 'ksmtuned_monitor_interval_seconds{{instance="stale"}}'
+        values: '60x120'
     alert_rule_test:
       - eval_time: 50m
         alertname: KsmdHighCpu
@@ -347,7 +364,21 @@ tests:
           - exp_labels: {{severity: warning, instance: busy}}
             exp_annotations:
               summary: "ksmtuned has not adjusted KSM on busy for 20m 0s"
-              description: "The last successful adjust is older than three monitor intervals. The daemon is stuck, stopped (a stale textfile keeps the old timestamp) or every adjust fails (see ksmtuned_decisions_total{{decision=\\"error\\"}} and its log)."
+              description: "The last successful adjust is older than three monitor intervals while the daemon still runs: every adjust fails (see ksmtuned_decisions_total{{decision=\\"error\\"}} and `journalctl -u ksmtuned`)."
+      - eval_time: 5m
+        alertname: KsmtunedNotExporting
+        exp_alerts: []
+      - eval_time: 30m
+        alertname: KsmtunedNotExporting
+        exp_alerts:
+          - exp_labels: {{severity: warning, instance: gone}}
+            exp_annotations:
+              summary: "ksmtuned on gone stopped exporting fresh metrics"
+              description: "No adjust of ksmtuned on gone has been exported for three monitor intervals: the daemon is stopped or hangs (`systemctl status ksmtuned`), its endpoint is unreachable, or node_exporter serves a textfile nobody writes any more."
+          - exp_labels: {{severity: warning, instance: stale}}
+            exp_annotations:
+              summary: "ksmtuned on stale stopped exporting fresh metrics"
+              description: "No adjust of ksmtuned on stale has been exported for three monitor intervals: the daemon is stopped or hangs (`systemctl status ksmtuned`), its endpoint is unreachable, or node_exporter serves a textfile nobody writes any more."
 """
 
 

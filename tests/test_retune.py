@@ -82,13 +82,14 @@ def test_retune_signals_a_live_daemon(tmp_path):
             d.wait_ticks(n, timeout_s=10)
 
 
-# --- who holds the pid file's lock: the holder's own fdinfo, else /proc/locks -----------------
+# --- who holds the pid file's lock: the kernel says (F_GETLK on the root-only lock file) ------
 
 HOLDER = """
-import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-other = os.open(sys.argv[2], os.O_RDONLY)  # open, not locked
+import sys, time
+from ksmtuned.service.pidfile import PidFile
+p = PidFile(sys.argv[1])
+p.acquire()
+p.write_pid()
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -96,71 +97,48 @@ time.sleep(60)
 
 @pytest.fixture
 def holder(tmp_path):
-    """A process holding an exclusive flock on tmp_path/locked.pid, with tmp_path/open.pid merely open."""
-    locked, opened = tmp_path / "locked.pid", tmp_path / "open.pid"
-    opened.write_text("")
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(locked), str(opened)], stdout=subprocess.PIPE, text=True)
+    """A process holding tmp_path/locked.pid as the daemon does (the lock file, then the pid file)."""
+    locked = tmp_path / "locked.pid"
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(locked)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert p.stdout.readline() == "locked\n"
-        yield p.pid, locked, opened
+        yield p, locked
     finally:
         p.kill()
         p.wait()
 
 
-def fake_procfs(root: Path, pid: int, locks: str | None, fds: bool) -> Path:
-    """A procfs where PID is the real /proc/PID (fds=True) or only its comm, and `locks` says what it's told."""
-    d = root / "fakeproc"
-    d.mkdir(parents=True)
-    if fds:
-        (d / str(pid)).symlink_to(f"/proc/{pid}")
-    else:
-        (d / str(pid)).mkdir()
-        (d / str(pid) / "comm").write_text("ksmtuned\n")
-    if locks is not None:
-        (d / "locks").write_text(locks)
-    return d
+def test_lock_holder_is_named_by_the_kernel_and_the_lock_file_is_private(holder, tmp_path):
+    from ksmtuned.service.pidfile import PidFile, lock_holder
+    from ksmtuned.errors import AlreadyRunningError
+
+    p, locked = holder
+    lock = Path(f"{locked}.lock")
+    assert lock_holder(locked) == p.pid
+    assert locked.read_text() == f"{p.pid}\n" and locked.stat().st_mode & 0o777 == 0o644
+    assert lock.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(AlreadyRunningError, match=f"already runs as pid {p.pid}"):
+        PidFile(locked).acquire()
+    p.kill()
+    p.wait()
+    assert lock_holder(locked) == 0  # killed: the kernel dropped the lock with the process
+    assert lock_holder(tmp_path / "none.pid") == 0
+    taker = PidFile(locked)
+    taker.acquire()  # the files a dead daemon left are taken over
+    taker.release()
+    assert not locked.exists() and not lock.exists()
 
 
-def test_lock_holder_seen_in_its_fdinfo_and_in_proc_locks(holder, tmp_path):
-    from ksmtuned.service.pidfile import holds_lock, lock_holders
+def test_a_lock_file_others_could_open_is_refused(tmp_path):
+    from ksmtuned.service.pidfile import PidFile
+    from ksmtuned.errors import KsmtunedError
 
-    pid, locked, opened = holder
-    assert holds_lock(pid, locked) and pid in lock_holders(locked)
-    assert not holds_lock(pid, opened) and not holds_lock(os.getpid(), locked)
-    # the process's own fdinfo is enough: a /proc/locks that shows nothing does not matter
-    assert holds_lock(pid, locked, fake_procfs(tmp_path, pid, locks="", fds=True))
-
-
-def test_proc_locks_decides_when_the_descriptors_cannot_be_read(holder, tmp_path):
-    from ksmtuned.service.pidfile import holds_lock
-
-    pid, locked, _ = holder
-    with open("/proc/locks") as f:
-        real = f.read()
-    assert holds_lock(pid, locked, fake_procfs(tmp_path / "a", pid, locks=real, fds=False))
-    assert not holds_lock(pid, locked, fake_procfs(tmp_path / "b", pid, locks="", fds=False))
-    assert not holds_lock(pid, locked, fake_procfs(tmp_path / "c", pid, locks=None, fds=False))
-
-
-def test_running_daemon_through_fdinfo_alone(holder, tmp_path):
-    """A pid file naming a process called ksmtuned that holds its lock (seen only in fdinfo here)."""
-    from ksmtuned.errors import NotRunningError
-    from ksmtuned.service.pidfile import running_daemon
-
-    pid, locked, _ = holder
-    locked.write_text(f"{pid}\n")
-    procfs = tmp_path / "p"
-    procfs.mkdir()
-    (procfs / str(pid)).mkdir()
-    (procfs / str(pid) / "comm").write_text("ksmtuned\n")
-    (procfs / str(pid) / "fd").symlink_to(f"/proc/{pid}/fd")
-    (procfs / str(pid) / "fdinfo").symlink_to(f"/proc/{pid}/fdinfo")
-    (procfs / "locks").write_text("")
-    assert running_daemon(locked, procfs) == pid
-    (procfs / str(pid) / "comm").write_text("python3\n")
-    with pytest.raises(NotRunningError, match=r"\(python3\), which is not a ksmtuned holding that pid file"):
-        running_daemon(locked, procfs)
+    pidfile = tmp_path / "x.pid"
+    Path(f"{pidfile}.lock").write_text("")
+    os.chmod(f"{pidfile}.lock", 0o644)
+    with pytest.raises(KsmtunedError, match="mode 0600"):
+        PidFile(pidfile).acquire()
+    assert not pidfile.exists()
 
 
 def test_pidfile_from_the_config_file_is_the_one_retune_reads(tmp_path):

@@ -425,7 +425,7 @@ def _tuner(tmp_path: Path, kind: str) -> subprocess.Popen:
         script.write_text("#!/bin/bash\nsleep 600\n")
         # its own process group, so that killing it takes the sleep child along
         return subprocess.Popen(["/bin/bash", str(script)], start_new_session=True)
-    if kind in ("momd", "mom-vdsm"):
+    if kind in ("momd", "mom-vdsm", "virt-handler", "harvester-node-manager", "harvester-node-manager-amd64"):
         exe = bindir / kind
         exe.symlink_to(shutil.which("sleep"))
         return subprocess.Popen([str(exe), "600"])
@@ -436,10 +436,12 @@ def _tuner(tmp_path: Path, kind: str) -> subprocess.Popen:
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["bash ksmtuned", "momd", "python momd", "mom-vdsm"])
+@pytest.mark.parametrize("kind", ["bash ksmtuned", "momd", "python momd", "mom-vdsm",
+                                  # a fleet's: KubeVirt's virt-handler, Harvester's node manager
+                                  "virt-handler", "harvester-node-manager", "harvester-node-manager-amd64"])
 def test_another_tuner_is_refused_by_name_unless_force(tmp_path, kind):
     other = _tuner(tmp_path, kind)
-    name = "ksmtuned" if "ksmtuned" in kind else kind.split()[-1]
+    name = "ksmtuned" if "ksmtuned" in kind else kind.split()[-1].replace("-amd64", "")
     try:
         time.sleep(0.1)  # exec'd
         d = Daemon(tmp_path / "d", force=False, procfs=None)  # the real process table
@@ -462,9 +464,11 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
     bindir.chmod(0o755)
     try:
         (bindir / "momd").symlink_to(shutil.which("sleep"))
+        (bindir / "virt-handler").symlink_to(shutil.which("sleep"))
         (bindir / "ksmtuned").write_text("#!/bin/bash\nsleep 600\n")
         (bindir / "ksmtuned").chmod(0o755)
         fakes = [subprocess.Popen(AS_NOBODY + [str(bindir / "momd"), "600"]),
+                 subprocess.Popen(AS_NOBODY + [str(bindir / "virt-handler"), "600"]),
                  subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")], start_new_session=True)]
         try:
             time.sleep(0.2)
@@ -511,6 +515,7 @@ def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
 
     skip_unless_nobody_can_run_python()
     tmp_path.chmod(0o755)
+    _nobody_can_reach(tmp_path / "ksmtune.pid")  # pytest's base temp dirs are 0700
     from tests.daemon_support import DaemonProc
 
     with DaemonProc(tmp_path) as d:

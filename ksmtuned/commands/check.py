@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the finder is imported only when guests are scanned
     from ..core.ticks import Guest
 
+from ..core.text import printable
 from ..core.documents import CheckDocument
 from ..errors import ExitCode
 from ..paths import DEFAULT_PIDFILE, DEFAULT_RUN_DIR, Paths
@@ -125,6 +126,16 @@ class GuestSpec:
 
 
 @dataclass
+class Untrusted:
+    """A guest-looking process that KSM_GUEST_TRUST does not trust: shown, never counted."""
+
+    pid: int
+    name: str
+    uid: int | None
+    user: str | None
+
+
+@dataclass
 class Host:
     """What the checks read.  Build it with :func:`read_host` or by hand in a test."""
 
@@ -141,15 +152,15 @@ class Host:
     services: dict[str, str] | None  # systemd unit -> is-active, when systemd runs
     tuners: list[tuple[int, str]]
     errors: dict[str, str] = field(default_factory=dict)  # part -> why it could not be read
+    untrusted: list[Untrusted] = field(default_factory=list)
 
 
 def physical_cores(cpuinfo: Path) -> tuple[int, int]:
-    """(physical cores, logical CPUs) from /proc/cpuinfo; os.cpu_count() when it says nothing."""
+    """(physical cores, logical CPUs) from /proc/cpuinfo; psutil's cpu_count() when it says nothing."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        n = os.cpu_count() or 1
-        return n, n
+        return _psutil_cpus()
     cores: set[tuple[str, str]] = set()
     cpus = 0
     phys = core = None
@@ -167,9 +178,15 @@ def physical_cores(cpuinfo: Path) -> tuple[int, int]:
                 cores.add((phys or "0", core or str(len(cores))))
             phys = core = None
     if cpus == 0:
-        n = os.cpu_count() or 1
-        return n, n
+        return _psutil_cpus()
     return (len(cores) or cpus), cpus
+
+
+def _psutil_cpus() -> tuple[int, int]:
+    import psutil
+
+    logical = psutil.cpu_count() or 1
+    return psutil.cpu_count(logical=False) or logical, logical
 
 
 def thp_mode(mm: Path) -> str | None:
@@ -218,6 +235,10 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
               mm: Path | None = None, pidfile: str = DEFAULT_PIDFILE, run_dir: Path = Path(DEFAULT_RUN_DIR),
               systemd_dir: Path = Path("/run/systemd/system")) -> Host:
     """Read everything the checks need; a part that cannot be read is noted in ``errors``."""
+    import warnings
+
+    import psutil
+
     from ..engine.guests import GuestFinder
     from ..errors import KsmtunedError, NotRunningError
     from ..kernel.ksm import KsmSysfs
@@ -230,17 +251,21 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
     errors: dict[str, str] = {}
     ram = swap = None
     try:
-        fields = read_meminfo(procfs / "meminfo")
-        ram = total_kib(fields, str(procfs / "meminfo")) * 1024
-        swap = fields.get("SwapTotal", 0) * 1024
+        # the strict parser first: a bad meminfo is a one-line error naming the line
+        total_kib(read_meminfo(procfs / "meminfo"), str(procfs / "meminfo"))
+        with warnings.catch_warnings():  # a stand-in procfs without vmstat: swap in/out unknown
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ram, swap = psutil.virtual_memory().total, psutil.swap_memory().total
     except KsmtunedError as e:
         errors["meminfo"] = str(e)
     cores, cpus = physical_cores(procfs / "cpuinfo")
     guests: list[GuestSpec] = []
+    untrusted: list[Untrusted] = []
     try:
-        finder = GuestFinder.from_settings(settings, procfs=procfs, run_dir=Path(run_dir))
+        finder = GuestFinder.from_settings(settings, run_dir=str(run_dir))
         found = finder.scan(details=True)
-        guests = [guest_spec(g) for g in found]
+        guests = [guest_spec(g) for g in found if g.trusted]
+        untrusted = [Untrusted(g.pid, g.name, g.uid, g.user) for g in found if not g.trusted]
     except KsmtunedError as e:
         errors["guests"] = str(e)
     sysfs = KsmSysfs(ksm_dir)
@@ -253,7 +278,7 @@ def read_host(settings, procfs: Path = Path("/proc"), ksm_dir: Path = Path("/sys
         ram_bytes=ram, swap_bytes=swap, cores=cores, cpus=cpus, guests=guests, ksm_present=ksm_present,
         ksm=sysfs.counters() if ksm_present else {}, thp_mode=thp_mode(mm), daemon_pid=daemon_pid,
         daemon_message=message, services=systemd_services(systemd_dir=systemd_dir),
-        tuners=other_tuners(procfs), errors=errors,
+        tuners=other_tuners(), errors=errors, untrusted=untrusted,
     )
 
 
@@ -407,8 +432,22 @@ def check_advisor(host: Host) -> Check:
                                     "switches KSM on and off", {"mode": mode})
 
 
+def check_guest_owners(host: Host) -> Check:
+    """Guest-looking processes KSM_GUEST_TRUST does not trust: any user can start them, so they
+    count in no other check (they cannot make one fail) and are only listed here."""
+    details = {"untrusted": [asdict(u) for u in host.untrusted]}
+    if not host.untrusted:
+        return Check("guest_owners", "pass", f"every guest is trusted ({len(host.guests)} guest(s))", details)
+    who = ", ".join(f"{u.name} (pid {u.pid}, user {u.user if u.user is not None else '?'})"
+                    for u in host.untrusted[:10])
+    more = f" and {len(host.untrusted) - 10} more" if len(host.untrusted) > 10 else ""
+    return Check("guest_owners", "warn",
+                 f"{len(host.untrusted)} guest-looking process(es) of unprivileged users, not counted "
+                 f"(KSM_GUEST_TRUST): {who}{more}", details)
+
+
 CHECKS = (check_memory, check_swap, check_vcpus, check_ksm, check_services, check_thp, check_thp_guests,
-          check_advisor)
+          check_advisor, check_guest_owners)
 
 
 def run_checks(host: Host) -> list[Check]:
@@ -426,14 +465,16 @@ def report(host: Host, checks: list[Check]) -> CheckDocument:
         "summary": summary,
         "host": {"ram_bytes": host.ram_bytes, "swap_bytes": host.swap_bytes, "cores": host.cores,
                  "cpus": host.cpus, "thp_mode": host.thp_mode, "ksm_present": host.ksm_present,
-                 "guests": [asdict(g) for g in host.guests]},
+                 "guests": [asdict(g) for g in host.guests],
+                 "untrusted_guests": [asdict(u) for u in host.untrusted]},
         "checks": [asdict(c) for c in checks],
     })
 
 
 def render_text(checks: list[Check]) -> str:
     width = max(len(c.name) for c in checks)
-    lines = [f"{c.verdict.upper():<4}  {c.name:<{width}}  {c.reason}" for c in checks]
+    # a reason quotes guest names, chosen by tenants: every control character shown escaped
+    lines = [f"{c.verdict.upper():<4}  {c.name:<{width}}  {printable(c.reason)}" for c in checks]
     summary = {v: sum(1 for c in checks if c.verdict == v) for v in VERDICTS}
     lines.append("summary: " + ", ".join(f"{summary[v]} {v}" for v in VERDICTS))
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import sys
 
 from ..core.config import KEYS, LoadedConfig
 from ..core.documents import CheckConfigDocument
+from ..core.text import printable
 from ..errors import ExitCode
 from ..paths import Paths
 from ..service.config_file import load
@@ -25,14 +26,14 @@ def document(loaded: LoadedConfig) -> CheckConfigDocument:
 def main(paths: Paths, as_json: bool = False) -> int:
     loaded = load(paths)
     for w in loaded.warnings:
-        print(f"ksmtuned: warning: {w}", file=sys.stderr)
+        print(f"ksmtuned: warning: {printable(w)}", file=sys.stderr)
     if as_json:
         print(json.dumps(document(loaded).model_dump(mode="json", by_alias=True), indent=2))
         return ExitCode.OK
     if not loaded.file_found:
-        print(f"# {loaded.path} not found: defaults and environment only")
+        print(f"# {printable(loaded.path)} not found: defaults and environment only")
     else:
-        print(f"# effective settings from {loaded.path}")
+        print(f"# effective settings from {printable(loaded.path)}")
     s = loaded.settings
     for alias, name in KEYS.items():
         value = getattr(s, name)
@@ -48,5 +49,6 @@ def main(paths: Paths, as_json: bool = False) -> int:
             text = str(int(value))
         else:
             text = str(value)
-        print(f"{alias + '=' + text:<44} # {loaded.sources[alias]}")
+        # values and paths are data: a control character in them is shown escaped
+        print(f"{alias + '=' + printable(text):<44} # {printable(loaded.sources[alias])}")
     return ExitCode.OK

@@ -12,6 +12,7 @@ from typing import Dict, Optional, Sequence, TextIO, Tuple
 
 from ..core.config import parse_assignments
 from ..errors import ConfigError, ExitCode, KsmtunedError
+from ..files import CONFIG_LIMIT_BYTES, read_regular
 from ..kernel.ksm import KsmSysfs
 from ..kernel.meminfo import read_meminfo, require, total_kib
 
@@ -20,11 +21,15 @@ def read_default_ksm(path: Path) -> Optional[Dict[str, str]]:
     """KEY=VALUE pairs of /etc/default/ksm (or /etc/sysconfig/ksm), parsed (never sourced) like
     ksmtuned.conf; None when the file does not exist."""
     try:
-        text = Path(path).read_text()
+        data = read_regular(path, CONFIG_LIMIT_BYTES, follow=True)  # a FIFO or /dev/zero: refused
     except FileNotFoundError:
         return None
     except OSError as e:
         raise KsmtunedError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8 text") from None
     return {a.key: a.value for a in parse_assignments(text, str(path))}
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 
+from ..core.text import printable
 from ..errors import ExitCode, NotRunningError
 from ..paths import Paths
 from ..service.config_file import pidfile_in_force
@@ -19,7 +20,7 @@ def main(paths: Paths, quiet: bool = False) -> int:
     except NotRunningError as e:
         if quiet:
             return ExitCode.OK
-        print(f"ksmtuned: {e}", file=sys.stderr)
+        print(f"ksmtuned: {printable(e)}", file=sys.stderr)  # names the process's comm, anyone's choice
         return e.exit_code
     try:
         os.kill(pid, signal.SIGUSR1)

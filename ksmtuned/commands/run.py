@@ -34,7 +34,7 @@ def main(paths: Paths, foreground: bool = False, debug: bool = False, once: bool
     sysfs.preflight(need_write=not dry_run)
     total_kib(read_meminfo(procfs / "meminfo"), str(procfs / "meminfo"))  # fail early on a bad meminfo
     if not force and not dry_run and not once:
-        others = other_tuners(procfs)
+        others = other_tuners()
         if others:
             raise AlreadyRunningError(
                 "another KSM tuner is running: " + ", ".join(f"{name} (pid {pid})" for pid, name in others)
@@ -76,11 +76,15 @@ class _Runner:
         pidfile = PidFile(self.loaded.settings.pidfile)
         try:
             pidfile.acquire()
+            try:
+                pidfile.write_pid()
+            except KsmtunedError:
+                pidfile.release()
+                raise
         except KsmtunedError as e:
             tell_parent(ready_fd, f"{int(e.exit_code)} {e}")
             raise
         try:
-            pidfile.write_pid()
             set_process_name()
             tell_parent(ready_fd, "0 ok")
             observers = make_observers(self.loaded.settings, state_path=Path(self.paths.state_file),

@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.text import printable
 from ..core.documents import StatusDocument
 from ..core.ticks import PAGE_SIZE
 from ..errors import ExitCode, NotRunningError
 from ..kernel.ksm import KsmSysfs
-from ..kernel.ksmd import Ksmd, process_age_s
+from ..kernel import processes
+from ..kernel.ksmd import Ksmd
 from ..paths import Paths
 from ..report.state import read_state
 from ..service.config_file import pidfile_in_force
@@ -64,7 +66,7 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
         "daemon": {
             "running": pid is not None,
             "pid": pid,
-            "uptime_s": _round(process_age_s(procfs, pid)) if pid is not None else None,
+            "uptime_s": _round(processes.age_s(pid)) if pid is not None else None,
             "config_file": daemon_info.get("config_file"),
             "version": daemon_info.get("version"),
             "pidfile": str(pidfile),
@@ -211,7 +213,7 @@ def render_text(st: dict[str, Any]) -> str:
     c = k["counters"]
     if not k["present"]:
         lines.append(f"KSM: not available ({k['sysfs']} missing: this kernel has no KSM)")
-        return "\n".join(lines) + "\n"
+        return _text(lines)
     run = {0: "stopped", 1: "running", 2: "stopped and unmerging"}.get(c.get("run"), f"run={c.get('run')}")
     scan = f", {c['pages_to_scan']} pages every {c['sleep_millisecs']} ms" if "pages_to_scan" in c else ""
     advisor = f", advisor {c['advisor_mode']}" if "advisor_mode" in c else ""
@@ -240,7 +242,13 @@ def render_text(st: dict[str, Any]) -> str:
     width = max((len(name) for name in c), default=0)
     for name, value in c.items():
         lines.append(f"  {name:<{width}}  {value}")
-    return "\n".join(lines) + "\n"
+    return _text(lines)
+
+
+def _text(lines: list[str]) -> str:
+    """The lines as printed: the state file's strings (explain, error, reason, config_file) are
+    data, so every control character in them is shown escaped, never sent to the terminal."""
+    return "".join(printable(line) + "\n" for line in lines)
 
 
 def _kib(kib) -> str:

@@ -15,9 +15,15 @@ from typing import Annotated, Any, Callable, Dict, List, Literal, Mapping, Optio
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
-from ..paths import DEFAULT_PIDFILE
+from ..paths import DEFAULT_PIDFILE, KERNEL_DIRS
+from .matchers import DEFAULT_TRUST
 from .policy import Tuning
 from .shellconf import DEFAULT_CONFIG_PATH, Assignment, parse_assignments
+from .text import PROBLEM_LIMIT, first_of, quoted
+
+#: The shortest KSM_MONITOR_INTERVAL: a shorter one is a busy loop (1e-300 spun a CPU), not a
+#: tuning (the fault tests run at 0.01 s; the old daemon's `sleep` took anything).
+MIN_INTERVAL_S = 0.01
 
 __all__ = ["Assignment", "parse_assignments", "Settings", "SettingsError", "KEYS", "LoadedConfig", "build_settings",
            "parse_bool", "parse_listen", "reference_rows", "DEFAULT_CONFIG_PATH", "MATCHER_NAMES"]
@@ -101,6 +107,27 @@ def to_optional_text(value: object) -> Optional[str]:
     return to_text(value) if value else None
 
 
+def to_path(value: object) -> str:
+    """An absolute path: the daemon runs from / (forked) or wherever systemd starts it, so a
+    relative one would name a file nobody meant (the command line's are made absolute first)."""
+    path = to_text(value)
+    if not path.startswith("/"):
+        raise ValueError("expected an absolute path")
+    return path
+
+
+def to_output_path(value: object) -> Optional[str]:
+    """LOGFILE, KSM_METRICS_TEXTFILE: unset, or an absolute path outside /proc and /sys (where a
+    "log line" would tune the kernel: /proc/sysrq-trigger, /proc/sys/vm/drop_caches)."""
+    if not value:
+        return None
+    path = to_path(value)
+    normal = os.path.normpath(path)
+    if normal.startswith("//") or any(normal == d or normal.startswith(d + "/") for d in KERNEL_DIRS):
+        raise ValueError("expected a path outside /proc and /sys (writing there tunes the kernel)")
+    return path
+
+
 def choice(*words: str, also: Optional[Mapping[str, str]] = None) -> Callable[[object], str]:
     """One of `words`, case-insensitive; `also` maps other spellings to one of them."""
     listed = ", ".join(f"'{w}'" for w in words[:-1]) + f" or '{words[-1]}'"
@@ -137,6 +164,19 @@ def to_guest_match(value: object) -> Tuple[str, ...]:
     return items
 
 
+def to_guest_trust(value: object) -> Tuple[str, ...]:
+    """KSM_GUEST_TRUST: whose guest-looking processes count (core/matchers.py, docs/security.md)."""
+    from .matchers import parse_trust
+
+    if isinstance(value, str):
+        items = tuple(item.strip() for item in value.split(",") if item.strip())
+    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        items = tuple(value)
+    else:
+        items = ()
+    return parse_trust(items)
+
+
 def to_listen(value: object) -> Optional[Tuple[str, int]]:
     if isinstance(value, str):
         return parse_listen(value)
@@ -154,7 +194,10 @@ BashNumber = Annotated[float, BeforeValidator(to_number)]
 Flag = Annotated[bool, BeforeValidator(to_flag)]
 Text = Annotated[str, BeforeValidator(to_text)]
 OptionalText = Annotated[Optional[str], BeforeValidator(to_optional_text)]
+AbsolutePath = Annotated[str, BeforeValidator(to_path)]
+OutputPath = Annotated[Optional[str], BeforeValidator(to_output_path)]
 GuestMatch = Annotated[Tuple[str, ...], BeforeValidator(to_guest_match)]
+GuestTrust = Annotated[Tuple[str, ...], BeforeValidator(to_guest_trust)]
 Listen = Annotated[Optional[Tuple[str, int]], BeforeValidator(to_listen)]
 PsMetric = Annotated[Literal["rss", "pss", "vsz"], BeforeValidator(choice("rss", "pss", "vsz", also={"rsz": "rss"}))]
 FreeMetric = Annotated[Literal["classic", "available"], BeforeValidator(choice("classic", "available"))]
@@ -202,8 +245,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="forbid")
 
     monitor_interval_s: BashNumber = setting(
-        "KSM_MONITOR_INTERVAL", 60.0, gt=0, le=86400,
-        unit="seconds (decimals allowed)", range_text="> 0, <= 86400", meaning="time between adjusts")
+        "KSM_MONITOR_INTERVAL", 60.0, ge=MIN_INTERVAL_S, le=86400,
+        unit="seconds (decimals allowed)", range_text=">= 0.01, <= 86400", meaning="time between adjusts")
     sleep_msec: BashInt = setting(
         "KSM_SLEEP_MSEC", 10, ge=0, le=10_000_000, unit="ms, for a 16 GiB host", range_text="0 - 10,000,000",
         meaning="ksmd's sleep between scans, scaled by 16 GiB / RAM, floored at 10 ms")
@@ -222,16 +265,20 @@ class Settings(BaseModel):
         "KSM_THRES_COEF", 20, ge=0, le=100, unit="% of RAM", range_text="0 - 100", meaning="free-memory threshold")
     thres_const_kib: BashInt = setting(
         "KSM_THRES_CONST", 2048, ge=0, le=2**50, unit="kB", range_text=">= 0", meaning="the threshold is at least this")
-    logfile: OptionalText = setting(
-        "LOGFILE", None, unit="path", meaning="where the debug lines go (else standard output)")
+    logfile: OutputPath = setting(
+        "LOGFILE", None, unit="absolute path", range_text="not under /proc or /sys",
+        meaning="where the debug lines go (else standard output)")
     debug: Flag = setting(
         "DEBUG", False, unit="flag", meaning="any non-empty value turns the debug log on, except 0, no, false, off")
-    pidfile: Text = setting(
-        "PIDFILE", DEFAULT_PIDFILE, unit="path",
+    pidfile: AbsolutePath = setting(
+        "PIDFILE", DEFAULT_PIDFILE, unit="absolute path",
         meaning="the pid file (usually from the environment, as in the old daemon)")
     guest_match: GuestMatch = setting(
         "KSM_GUEST_MATCH", MATCHER_NAMES, unit="list", range_text="redhat, debian, libvirt, proxmox, regex:PATTERN",
         meaning="which processes are guests")
+    guest_trust: GuestTrust = setting(
+        "KSM_GUEST_TRUST", DEFAULT_TRUST, unit="list", range_text="root, hypervisor, pidfile, machine-slice, user:NAME, any",
+        meaning="whose guest-looking processes count (docs/security.md)")
     ps_metric: PsMetric = setting(  # rsz: Proxmox's spelling
         "KSM_PS_METRIC", "rss", unit="rss | pss | vsz", range_text="rsz = rss", meaning="how a guest's memory is counted")
     free_metric: FreeMetric = setting(
@@ -239,8 +286,8 @@ class Settings(BaseModel):
     metrics_listen: Listen = setting(
         "KSM_METRICS_LISTEN", None, unit="host:port or port",
         meaning="Prometheus /metrics; a bare port binds 127.0.0.1; off when empty")
-    metrics_textfile: OptionalText = setting(
-        "KSM_METRICS_TEXTFILE", None, unit="path",
+    metrics_textfile: OutputPath = setting(
+        "KSM_METRICS_TEXTFILE", None, unit="absolute path", range_text="not under /proc or /sys",
         meaning="node_exporter textfile, written atomically each tick; off when empty")
 
     def __init__(self, **values: Any) -> None:
@@ -262,7 +309,7 @@ class Settings(BaseModel):
         the first, in the order of ``values``."""
         unknown = set(values) - set(KEYS)
         if unknown:
-            raise SettingsError([(None, f"unknown keys {', '.join(sorted(unknown))}")])
+            raise SettingsError([(None, f"unknown keys {', '.join(first_of(sorted(unknown)))}")])
         try:
             return cls(**values)
         except SettingsError as e:  # pydantic reports in field order: report in the caller's
@@ -318,11 +365,15 @@ def build_settings(
 ) -> LoadedConfig:
     """Combine file assignments (last wins), the environment and the defaults into Settings."""
     warnings = []
+    unknown = 0
     values: dict[str, object] = {}
     sources: dict[str, str] = {alias: "default" for alias in KEYS}
     for a in assignments:
         if a.key not in KEYS:
-            warnings.append(f"{filename}:{a.line_no}: unknown key {a.key} (ignored)")
+            unknown += 1
+            if unknown <= PROBLEM_LIMIT:  # a million of them must not be a million log lines
+                key = a.key if len(a.key) <= 80 else a.key[:80] + "…"
+                warnings.append(f"{filename}:{a.line_no}: unknown key {key} (ignored)")
             continue
         where = f"{filename}:{a.line_no}"
         if a.value == "":
@@ -332,6 +383,8 @@ def build_settings(
         else:
             values[a.key] = a.value
             sources[a.key] = where
+    if unknown > PROBLEM_LIMIT:
+        warnings.append(f"{filename}: ... and {unknown - PROBLEM_LIMIT} more unknown keys (ignored)")
     for alias in KEYS:
         if alias not in values and sources[alias] == "default" and env.get(alias):
             values[alias] = env[alias]
@@ -349,8 +402,8 @@ def build_settings(
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
             where = sources.get(alias, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
-            problems.append(f"{where}: {alias}: {message}, got {values.get(alias, Settings.default(alias))!r}")
-        raise ConfigError("\n".join(problems)) from None
+            problems.append(f"{where}: {alias}: {message}, got {quoted(values.get(alias, Settings.default(alias)))}")
+        raise ConfigError("\n".join(first_of(problems))) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 
 

@@ -280,6 +280,9 @@ class GuestEntry(Part):
     ksm_saved_kib: Optional[int]
     ksm_profit_bytes: Optional[int]
     ksm_mergeable: Optional[bool]
+    uid: Optional[int] = Field(description="the process's real owner")
+    user: Optional[str] = Field(description="its owner's name")
+    trusted: bool = Field(description="counted: KSM_GUEST_TRUST trusts its owner, pid file or cgroup")
 
 
 class GuestsDocument(Part):
@@ -290,7 +293,9 @@ class GuestsDocument(Part):
     schema_version: Literal[1] = Field(GUESTS_SCHEMA, alias="schema")
     matchers: List[str] = Field(description="KSM_GUEST_MATCH")
     metric: str = Field(description="KSM_PS_METRIC")
-    committed_kib: int
+    trust: List[str] = Field(description="KSM_GUEST_TRUST")
+    untrusted: int = Field(description="guest-looking processes KSM_GUEST_TRUST does not trust (not counted)")
+    committed_kib: int = Field(description="the trusted guests' memory by KSM_PS_METRIC")
     guests: List[GuestEntry]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_CONFIG
+from .text import quoted
 
 DEFAULT_CONFIG_PATH = Path(DEFAULT_CONFIG)
 
@@ -61,7 +62,7 @@ def _parse_value(text: str, filename: str, line_no: int) -> str:
             if rest and not rest.startswith("#"):
                 raise _error(
                     filename, line_no,
-                    f"unexpected text after the value: {rest!r} (the shell would run it as a command); "
+                    f"unexpected text after the value: {quoted(rest)} (the shell would run it as a command); "
                     "quote values that contain spaces",
                 )
             break

@@ -52,6 +52,9 @@ class Guest:
     start_time_s: float = 0.0  # wall clock (epoch seconds)
     pidfile: str | None = None  # the pid file that names it, if one does
     name_known: bool = False  # name came from the guest's configuration, not the process name
+    uid: Optional[int] = None  # the process's real owner
+    user: Optional[str] = None  # its name
+    trusted: bool = True  # counted: KSM_GUEST_TRUST trusts its owner, pid file or cgroup
 
     @property
     def ksm_saved_kib(self) -> int | None:
@@ -74,8 +77,8 @@ def _thp_warning(thp_kib: int | None, rss_kib: int) -> bool:
 
 
 def committed_kib(guests: Iterable[Guest], metric: str = "rss") -> int:
-    """The guests' committed memory by KSM_PS_METRIC, in kB."""
-    return sum(g.metric_kib(metric) for g in guests)
+    """The trusted guests' committed memory by KSM_PS_METRIC, in kB."""
+    return sum(g.metric_kib(metric) for g in guests if g.trusted)
 
 
 @dataclass

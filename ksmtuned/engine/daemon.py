@@ -22,7 +22,6 @@ from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
-from ..kernel.procfs import OpenFiles
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
@@ -58,8 +57,6 @@ class Daemon:
         self.procfs = Path(procfs)
         self.run_dir = Path(run_dir)
         self.meminfo_path = self.procfs / "meminfo"
-        self._meminfo_file = str(self.meminfo_path)  # per tick: a str, no pathlib
-        self._files = OpenFiles(self.procfs)  # /proc/meminfo, read every tick
         self.debug_override = debug_override
         self.debug_log = debug_log or self._make_debug_log(config.settings)
         self.notifier = notifier or Notifier({})
@@ -77,7 +74,7 @@ class Daemon:
         self.ready_sent = False
         self._advisor_warned = False
         self._failing_since: float | None = None
-        self._last_error: tuple[str, float] | None = None  # (error text, when it was last logged)
+        self._logged: dict[str, float] = {}  # error key -> when it was last logged, while failing
         self.once = once  # --once: nothing will be retried
 
     # --- construction helpers -------------------------------------------------------
@@ -85,7 +82,7 @@ class Daemon:
         return DebugLog(settings.logfile, settings.debug or self.debug_override)
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
-        return GuestFinder.from_settings(settings, procfs=self.procfs, run_dir=self.run_dir)
+        return GuestFinder.from_settings(settings, run_dir=str(self.run_dir))
 
     @property
     def settings(self) -> Settings:
@@ -94,7 +91,8 @@ class Daemon:
     # --- start and reload -----------------------------------------------------------
     def start(self) -> None:
         """Compute the limits from MemTotal once, and print the start lines."""
-        total = meminfo.total_kib(meminfo.read_meminfo(self._meminfo_file, self._files.read), self._meminfo_file)
+        path = str(self.meminfo_path)
+        total = meminfo.total_kib(meminfo.read_meminfo(path), path)
         self.limits = limits_for(total, self.settings.tuning())
         self.debug_log.write(start_lines(self.limits))
         log.info(
@@ -121,7 +119,8 @@ class Daemon:
         self.config = new
         self.debug_log.close()
         self.debug_log = self._make_debug_log(new.settings)
-        if new.settings.guest_match != old_settings.guest_match or new.settings.ps_metric != old_settings.ps_metric:
+        if (new.settings.guest_match, new.settings.ps_metric, new.settings.guest_trust) != (
+                old_settings.guest_match, old_settings.ps_metric, old_settings.guest_trust):
             self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
         try:
@@ -137,9 +136,12 @@ class Daemon:
 
     # --- one tick ----------------------------------------------------------------------
     def collect(self) -> tuple[Sample, dict[str, int], list[Guest]]:
-        fields = meminfo.read_meminfo(self._meminfo_file, self._files.read)
-        free = meminfo.free_kib(fields, self.settings.free_metric, self._meminfo_file)
-        guests = self.guest_finder.scan(meminfo=fields)  # its THP check needs no second read
+        path = str(self.meminfo_path)
+        fields = meminfo.read_meminfo(path)
+        free = meminfo.free_kib(fields, self.settings.free_metric, path)
+        # only trusted guests (KSM_GUEST_TRUST) are measured and counted; the THP check takes
+        # AnonHugePages from this tick's meminfo
+        guests = self.guest_finder.scan(meminfo_fields=fields, untrusted=False)
         committed = committed_kib(guests, self.settings.ps_metric)
         return Sample(free_kib=free, committed_kib=committed), fields, guests
 
@@ -168,11 +170,13 @@ class Daemon:
             if self._failing_since is not None:
                 log.info("adjusting works again (after %.0f s of failures)", self.clock() - self._failing_since)
                 self._failing_since = None
-                self._last_error = None
+                self._logged.clear()
         except KsmtunedError as e:
             report.error = str(e)
-            # the same fault on the same file is the same error, whatever value it refused
-            key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
+            # the same failing system call on the same file is the same error, whatever value it
+            # refused; without an errno (meminfo's "missing field", "impossible value") the text is
+            key = (f"{type(e).__name__}:{e.path}:{e.errno}"
+                   if isinstance(e, KernelInterfaceError) and e.path and e.errno is not None else str(e))
             self._log_failure(reason, str(e), key=key)
         except Exception as e:  # the tick boundary: log with a traceback and keep running
             report.error = f"{type(e).__name__}: {e}"
@@ -198,17 +202,23 @@ class Daemon:
 
     #: The same error, failing tick after tick, is logged again at most this often.
     REPEAT_ERROR_S = 600.0
+    #: Distinct errors remembered for that (each is rate-limited on its own).
+    ERROR_KEYS = 64
 
     def _log_failure(self, reason: str, text: str, key: str | None = None) -> None:
         """ERROR for a new failure; the same one again only every REPEAT_ERROR_S (a short interval
-        with a lasting fault must not flood the journal)."""
+        with a lasting fault must not flood the journal).  Per distinct error: one meminfo fault
+        must not hide a different one for ten minutes, nor two alternating ones log every tick."""
         now = self.clock()
         key = key or text
         then = "" if self.once else ", will retry"
-        if self._last_error is None or self._last_error[0] != key or now - self._last_error[1] >= self.REPEAT_ERROR_S:
-            repeated = self._failing_since is not None and self._last_error is not None and self._last_error[0] == key
+        last = self._logged.get(key)
+        if last is None or now - last >= self.REPEAT_ERROR_S:
+            repeated = self._failing_since is not None and last is not None
             log.error("adjust failed (%s)%s%s: %s", reason, then, " again, still" if repeated else "", text)
-            self._last_error = (key, now)
+            self._logged[key] = now
+            if len(self._logged) > self.ERROR_KEYS:  # bounded: forget the one logged longest ago
+                del self._logged[min(self._logged, key=self._logged.__getitem__)]
         else:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now

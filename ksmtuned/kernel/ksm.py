@@ -15,7 +15,7 @@ from typing import Mapping
 
 from ..core.ticks import Write
 from ..errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError
-from .procfs import OpenFiles, read_bytes
+from .procfs import read_bytes
 
 DEFAULT_SYSFS = Path("/sys/kernel/mm/ksm")
 
@@ -61,18 +61,13 @@ def _selected(text: str) -> str:
 class KsmSysfs:
     def __init__(self, root: Path = DEFAULT_SYSFS):
         self.root = Path(root)
-        self._prefix = str(self.root).rstrip("/") + "/"  # names appended as strings on the hot path
+        self._prefix = str(self.root).rstrip("/") + "/"
         self._present: tuple[str, ...] | None = None  # counters() files found last time
-        # on the real sysfs, every file read per tick stays open (one pread per read)
-        self._files = OpenFiles(self.root, limit=64)
 
     def _read(self, path: str) -> str:
-        if self._files.enabled:
-            data = self._files.read(path)
-        else:
-            # one read: a sysfs attribute is at most a page.  O_NONBLOCK: a FIFO planted in a
-            # stand-in directory must not hang the loop
-            data = read_bytes(path, limit=4096, nonblock=True)
+        # one read: a sysfs attribute is at most a page.  O_NONBLOCK: a FIFO planted in a
+        # stand-in directory must not hang the loop
+        data = read_bytes(path, limit=4096, nonblock=True)
         return data.decode(errors="replace").strip()
 
     def path(self, name: str) -> Path:
@@ -105,12 +100,21 @@ class KsmSysfs:
 
     def read(self, name: str) -> str:
         """A knob's current value; for advisor_mode, the selected word of '[none] scan-time'."""
-        path = self._prefix + name  # a string, not a Path: read every tick
+        path = self._prefix + name
         try:
             text = self._read(path)
         except OSError as e:
             raise _wrap(e, path, "read") from None
         return _selected(text)
+
+    def read_int(self, name: str) -> int:
+        """A counter as an integer (``ksmctl stop --unmerge`` follows pages_sharing with it)."""
+        text = self.read(name)
+        try:
+            return int(text)
+        except ValueError:
+            raise KernelInterfaceError(f"{self.path(name)}: expected an integer, got {text!r}",
+                                       str(self.path(name))) from None
 
     def write(self, name: str, value: str) -> None:
         path = self._prefix + name

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
-from .procfs import OpenFiles, read_record
+from .procfs import read_record
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: the task is a kernel thread
@@ -31,24 +31,11 @@ def system_uptime_s(procfs: Path = Path("/proc")) -> float | None:
         return None
 
 
-def process_age_s(procfs: Path, pid: int) -> float | None:
-    """Seconds since the process started (starttime, field 22, against /proc/uptime)."""
-    try:
-        _, rest = read_proc_stat(procfs, pid)
-        started = int(rest[19]) / CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        return None
-    up = system_uptime_s(procfs)
-    return None if up is None else max(0.0, up - started)
-
-
 class Ksmd:
     """The ksmd kernel thread: found once by comm (and the kernel-thread flag), then its CPU time."""
 
     def __init__(self, procfs: Path = Path("/proc")):
         self.procfs = Path(procfs)
-        self._proc = str(self.procfs)  # per tick: a str, no pathlib
-        self._files = OpenFiles(self._proc, limit=1)  # ksmd's stat, read every tick
         self.pid: int | None = None
         self._searched = False
 
@@ -69,7 +56,7 @@ class Ksmd:
     def _times(self, pid: int) -> tuple[float, float] | None:
         """(utime+stime seconds, seconds since ksmd started) or None if pid is not ksmd."""
         try:
-            comm, rest = read_proc_stat(self._proc, pid, self._files.read)
+            comm, rest = read_proc_stat(self.procfs, pid)
             if comm != "ksmd":
                 return None
             return (int(rest[11]) + int(rest[12])) / CLOCK_TICKS, int(rest[19]) / CLOCK_TICKS

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MeminfoError
 from .procfs import read_record
@@ -12,28 +10,12 @@ from .procfs import read_record
 DEFAULT_MEMINFO = Path("/proc/meminfo")
 CLASSIC_FREE_FIELDS = ("MemFree", "Buffers", "Cached")
 
-#: One well-formed line as the kernel writes it (ASCII field name, spaces, at most 20 digits:
-#: a 64-bit number; " kB" or no unit), a whole line.  The strict loop accepts every such line
-#: with the same result; a text whose every line matches needs no loop.  Anything else (a
-#: longer number too: int() refuses more than 4,300 digits) goes to the loop.
-_PLAIN_LINE = re.compile(r"^([A-Za-z0-9_()]+):[ ]+([0-9]{1,20})(?: kB)?\n", re.ASCII | re.MULTILINE)
-
 
 def parse_meminfo(text: str, filename: str = str(DEFAULT_MEMINFO)) -> dict[str, int]:
     """'Key:   123 kB' lines -> {Key: 123} in kB (HugePages_* counts are unitless).
 
     Raises MeminfoError naming the file and line for a malformed line.
     """
-    # Fast path: each match is one whole line ending in a newline, so as many matches as
-    # newlines in a text that ends with one means every line matched.
-    pairs = _PLAIN_LINE.findall(text)
-    if pairs and len(pairs) == text.count("\n") and text.endswith("\n"):
-        return {key: int(value) for key, value in pairs}
-    return _parse_strictly(text, filename)
-
-
-def _parse_strictly(text: str, filename: str) -> dict[str, int]:
-    """Line by line: any text, and the error message that names the line."""
     fields: dict[str, int] = {}
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -56,10 +38,10 @@ def _parse_strictly(text: str, filename: str) -> dict[str, int]:
     return fields
 
 
-def read_meminfo(path: Path | str = DEFAULT_MEMINFO, read: Callable[[str], bytes] = read_record) -> dict[str, int]:
-    """Parsed /proc/meminfo; ``read`` reads the file (the daemon's keeps it open)."""
+def read_meminfo(path: Path | str = DEFAULT_MEMINFO) -> dict[str, int]:
+    """Parsed /proc/meminfo."""
     try:
-        text = read(path).decode(errors="replace")
+        text = read_record(path).decode(errors="replace")
     except OSError as e:
         raise MeminfoError(f"{path}: cannot read: {e.strerror}", path=str(path), errno=e.errno) from None
     return parse_meminfo(text, str(path))

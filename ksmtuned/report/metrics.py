@@ -1,12 +1,13 @@
 """Prometheus metrics from the daemon's own loop data (prometheus_client, the `metrics` extra).
 
-A custom collector renders the last :class:`ksmtuned.report.TickData`; nothing is read from
+A custom collector yields the last :class:`ksmtuned.report.TickData`; prometheus_client's
+``generate_latest`` renders it, for the endpoint and the textfile alike.  Nothing is read from
 the kernel during a scrape, so a scrape costs only the formatting and can never slow or
-block the adjust loop.  ``KSM_METRICS_LISTEN`` serves ``/metrics`` from prometheus_client's
-HTTP server thread (started by the main thread after the daemon blocked its signals, so the
-thread inherits the blocked mask and every signal still goes to the loop's sigtimedwait);
-``KSM_METRICS_TEXTFILE`` is replaced atomically after every tick for node_exporter's
-textfile collector.  Every name starts with ``ksmtuned_``: node_exporter's own ksmd
+block the adjust loop.  ``KSM_METRICS_LISTEN`` serves ``/metrics`` from the bounded server of
+:mod:`ksmtuned.report.metrics_server` (its thread is started by the main thread after the
+daemon blocked its signals, so it inherits the blocked mask and every signal still goes to the
+loop's sigtimedwait); ``KSM_METRICS_TEXTFILE`` is replaced atomically after every tick for
+node_exporter's textfile collector.  Every name starts with ``ksmtuned_``: node_exporter's own ksmd
 collector owns ``node_ksmd_*``.
 """
 
@@ -16,12 +17,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.utils import floatToGoString
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric,
                                     SummaryMetricFamily)
 
 from ..core.ticks import TickData
+from .metrics_server import MetricsServer
 from .state import atomic_write
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,14 @@ KSM_METRICS: dict[str, tuple[str, str, str, float]] = {
 }
 
 
-#: One metric family of one tick: (name, type, help, label names, [(label values, value)]).
+#: One metric family of one tick: (name, type, help, label names, [(label values, value)]),
+#: turned into prometheus_client's metric families by :func:`families`.
 #: Counters are named without ``_total``; a summary's value is (count, sum); an info's is 1.
 Family = tuple[str, str, str, tuple[str, ...], list[tuple[tuple[str, ...], Any]]]
 
 
 def rows(d: TickData, version: str) -> list[Family]:
-    """Every metric of one tick, as plain tuples (no I/O).  Both renderings start here."""
+    """Every metric of one tick, as plain tuples (no I/O)."""
     out: list[Family] = [
         ("ksmtuned", "info", "ksmtuned's version and the metrics it uses",
          ("free_metric", "guest_match", "ps_metric", "version"),
@@ -148,44 +150,6 @@ def families(d: TickData, version: str) -> Iterator[Metric]:
         yield m
 
 
-_headers: dict[tuple[str, str], str] = {}
-
-
-def exposition(families_: list[Family]) -> bytes:
-    """The Prometheus text format (0.0.4) of :func:`rows`, byte for byte what prometheus_client's
-    generate_latest() writes for :func:`families` (a test holds it to that), at a fraction of
-    its cost: the textfile is rendered in the adjust loop, on every tick."""
-    out = []
-    for name, kind, help_text, labelnames, samples in families_:
-        header = _headers.get((name, kind))
-        if header is None:
-            shown, shown_kind = name, kind
-            if kind == "counter":
-                shown += "_total"
-            elif kind == "info":
-                shown, shown_kind = name + "_info", "gauge"
-            doc = help_text.replace("\\", r"\\").replace("\n", r"\n")
-            header = _headers[(name, kind)] = f"# HELP {shown} {doc}\n# TYPE {shown} {shown_kind}\n"
-        out.append(header)
-        for values, value in samples:
-            labels = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(zip(labelnames, values))) + "}" \
-                if labelnames else ""
-            if kind == "summary":
-                out.append(f"{name}_count{labels} {floatToGoString(value[0])}\n"
-                           f"{name}_sum{labels} {floatToGoString(value[1])}\n")
-            elif kind == "counter":
-                out.append(f"{name}_total{labels} {floatToGoString(value)}\n")
-            elif kind == "info":
-                out.append(f"{name}_info{labels} 1.0\n")
-            else:
-                out.append(f"{name}{labels} {floatToGoString(value)}\n")
-    return "".join(out).encode()
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-
-
 class LastTickCollector:
     """Renders whatever tick was stored last; the reference swap is atomic, so no lock."""
 
@@ -214,7 +178,7 @@ class Metrics:
         self.on_ok = on_ok or (lambda key, msg: None)
         self.listen: tuple[str, int] | None = None
         self.textfile: str | None = None
-        self._server = None
+        self._server: MetricsServer | None = None
         self._failed_listen: tuple[str, int] | None = None
 
     def configure(self, listen: tuple[str, int] | None, textfile: str | None) -> None:
@@ -226,13 +190,12 @@ class Metrics:
             return
         host, port = listen
         try:
-            result = start_http_server(port, addr=host, registry=self.registry)
+            self._server = MetricsServer(host, port, self.render)
         except OSError as e:
             self._failed_listen = listen
             self.on_error("listen", f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
                                     "(fix KSM_METRICS_LISTEN and reload)")
             return
-        self._server = result[0] if isinstance(result, tuple) else None
         self.listen, self._failed_listen = listen, None
         log.info("serving metrics on http://%s/metrics", _hostport(host, port))
 
@@ -244,12 +207,12 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
-            self._server = None
+            self._server: MetricsServer | None = None
         self.listen = None
 
     def render(self) -> bytes:
-        data = self.collector.data
-        return exposition(rows(data, self.collector.version)) if data is not None else b""
+        """The text exposition (format 0.0.4) of the last tick; empty before the first."""
+        return generate_latest(self.registry)
 
     def update(self, data: TickData) -> None:
         self.collector.data = data

@@ -11,19 +11,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from ..core.text import printable
 from ..core.documents import STATE_SCHEMA, HistoryEntry, StateDocument, StateHistory  # noqa: F401 (STATE_SCHEMA: re-exported)
 from ..errors import StateFileError
+from ..files import STATE_LIMIT_BYTES, read_regular
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_PATH = Path("/run/ksmtuned/state.json")
 #: A state file is about 60 kB (300 ticks of history, some guests); a larger one is not ours.
-STATE_MAX_BYTES = 16 << 20
+STATE_MAX_BYTES = STATE_LIMIT_BYTES
 #: Ticks kept in the state file's history (300 ticks = 5 hours at the default 60 s interval).
 HISTORY_LEN = 300
 
@@ -98,41 +99,23 @@ def remove_stale_temps(path: Path, procfs: Path = Path("/proc")) -> int:
 def read_bounded(path: Path | str, limit_bytes: int) -> bytes | None:
     """The bytes of the regular file ``path``, or None when it does not exist.
 
-    Opened without following a symlink and without blocking (a FIFO planted at the path does
-    not hang the reader), checked to be a regular file, read up to ``limit_bytes``.  Raises
-    StateFileError with one line naming the file otherwise.
+    Through :func:`ksmtuned.files.read_regular`: opened without following a symlink and without
+    blocking (a FIFO planted at the path does not hang the reader), checked to be a regular
+    file, read up to ``limit_bytes``.  Raises StateFileError with one line naming the file
+    otherwise.
     """
-    # TODO(issue 11, harden): one shared bounded reader for every file a command reads
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(path, limit_bytes)
     except FileNotFoundError:
         return None
-    except OSError as e:
+    except OSError as e:  # a FIFO, a device, a symbolic link, too large: the reader's one line
         what = "a symbolic link (ksmtuned never writes one)" if e.errno == errno.ELOOP else e.strerror
         raise StateFileError(f"{path}: cannot read the state file: {what}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StateFileError(f"{path}: not a regular file: not a ksmtuned state file")
-        chunks, size = [], 0
-        while size <= limit_bytes:
-            chunk = os.read(fd, min(1 << 20, limit_bytes + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as e:
-        raise StateFileError(f"{path}: cannot read the state file: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if size > limit_bytes:
-        raise StateFileError(f"{path}: larger than {limit_bytes} bytes: not a ksmtuned state file")
-    return b"".join(chunks)
 
 
 def _printable(text: str, limit: int = 80) -> str:
     """A hostile file's key or text, safe for one line of a terminal (control characters escaped)."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    out = printable(text)
     return out if len(out) <= limit else out[: limit - 3] + "..."
 
 

@@ -3,6 +3,7 @@ and the file -> :class:`ksmtuned.core.config.LoadedConfig` step."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from ..core.shellconf import Assignment, parse_assignments
 from ..errors import ConfigError
+from ..files import CONFIG_LIMIT_BYTES, NotRegularFileError, read_regular
 from ..paths import DEFAULT_CONFIG, DEFAULT_PIDFILE, Paths
 
 if TYPE_CHECKING:
@@ -24,35 +26,36 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
     missing_ok: bool = True,
+    check_owner: bool = False,
 ) -> LoadedConfig:
     """Read and validate the config file.
 
     With missing_ok, a missing or empty file means all defaults (as the old daemon at start);
-    without it (reload) either is a ConfigError, so the settings in force stay.
+    without it (reload) either is a ConfigError, so the settings in force stay.  With
+    check_owner (root, without --insecure-config) the file and every directory above it must
+    be root's and writable by no one else (see :func:`read_config_file`).
     """
     # the settings model (pydantic) only here: `retune` reads the assignments alone
     from ..core.config import LoadedConfig, build_settings
 
     env = os.environ if env is None else env
     filename = str(path)
-    assignments = read_assignments(path, missing_ok)
+    assignments = read_assignments(path, missing_ok, check_owner=check_owner)
     if assignments is None:
         loaded = build_settings([], env, filename, overrides)
         return LoadedConfig(loaded.settings, loaded.sources, loaded.warnings, filename, file_found=False)
     return build_settings(assignments, env, filename, overrides)
 
 
-def read_assignments(path: Path, missing_ok: bool = True) -> list[Assignment] | None:
-    """The file's assignments, or None when it does not exist (and ``missing_ok``)."""
+def read_assignments(path: Path, missing_ok: bool = True, check_owner: bool = False) -> list[Assignment] | None:
+    """The file's assignments, or None when it does not exist (and ``missing_ok``); read by
+    :func:`read_config_file` (one open, checked, bounded)."""
     filename = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
+    data = read_config_file(path, check_owner=check_owner)
+    if data is None:
         if not missing_ok:
-            raise ConfigError(f"{filename}: no such file") from None
+            raise ConfigError(f"{filename}: no such file")
         return None
-    except OSError as e:
-        raise ConfigError(f"{filename}: cannot read: {e.strerror}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -63,41 +66,93 @@ def read_assignments(path: Path, missing_ok: bool = True) -> list[Assignment] | 
     return parse_assignments(text, filename)
 
 
-def check_file_safety(path: Path, expected_uid: int = 0) -> None:
-    """Refuse a config file, or its directory, that someone other than root could change.
+_FIX = " (or pass --insecure-config)"
 
-    A root daemon must not trust data others can write (sshd's StrictModes does the same).
-    """
-    path = Path(path)
-    try:
-        lst = os.lstat(path)
-        st = os.stat(path)
-    except FileNotFoundError:
+
+def _check_entry(target: str, st: os.stat_result, kind: str, expected_uid: int) -> None:
+    """One entry of the config's path: owned by root, and (a directory) writable by no one else
+    unless sticky (/tmp: others may add names there but cannot replace root's)."""
+    if st.st_uid != expected_uid:
+        raise ConfigError(f"{target}: config {kind} is owned by uid {st.st_uid}, not root; "
+                          f"fix with: chown root {target}{_FIX}")
+    if kind == "directory" and st.st_mode & stat.S_ISVTX:
         return
+    if kind != "symbolic link" and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{target}: config {kind} is writable by group or others (mode "
+                          f"{stat.S_IMODE(st.st_mode):o}); fix with: chmod go-w {target}{_FIX}")
+
+
+def _check_directories(path: str, expected_uid: int) -> None:
+    """Every directory above ``path`` (and every symbolic link on the way) from / down: root's,
+    and not writable by others unless sticky.  One that does not exist ends the walk (nothing
+    below it exists either)."""
+    parts = path.split("/")[1:-1]
+    current = "/"
+    for part in [""] + parts:
+        current = os.path.join(current, part) if part else current
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ConfigError(f"{current}: cannot check the config's directory: {e.strerror}") from None
+        kind = "symbolic link" if stat.S_ISLNK(st.st_mode) else "directory"
+        _check_entry(current, st, kind, expected_uid)
+
+
+def read_config_file(path: str | os.PathLike, check_owner: bool, expected_uid: int = 0) -> bytes | None:
+    """The config file's bytes (None when it does not exist), read with no window for a race.
+
+    The file is opened once (no symlink followed, non-blocking: a FIFO cannot hang us), the
+    open file is checked (a regular file; with check_owner: root's, writable by no one else),
+    then read from that descriptor, at most CONFIG_LIMIT_BYTES.  With check_owner, every
+    directory above it is checked first, also for a file that does not exist yet: a root
+    daemon must not trust data others can write (sshd's StrictModes does the same).  A symbolic
+    link is followed only when it is root's (its directories checked too) or without
+    check_owner.  --insecure-config turns check_owner off, never the regular-file and size
+    checks.
+    """
+    where = os.path.abspath(os.fspath(path))
+    if check_owner:
+        _check_directories(where, expected_uid)
+        directory, name = os.path.split(where)
+        real_dir = os.path.realpath(directory)
+        if real_dir != directory:  # a link on the way (/var/run -> /run): its target's directories too
+            _check_directories(os.path.join(real_dir, name), expected_uid)
+
+    def check(st: os.stat_result) -> None:
+        if check_owner:
+            _check_entry(where, st, "file", expected_uid)
+
+    try:
+        try:
+            return read_regular(where, CONFIG_LIMIT_BYTES, check=check)
+        except NotRegularFileError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            if check_owner:
+                lst = os.lstat(where)
+                if lst.st_uid != expected_uid:
+                    # planted in a sticky directory, it could point at any root-only file, whose
+                    # lines the parse errors would then quote
+                    raise ConfigError(
+                        f"{where}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
+                        f"fix with: rm {where}, and put the config file there{_FIX}") from None
+            real = os.path.realpath(where)
+            if check_owner:
+                _check_directories(real, expected_uid)
+            where = real
+            return read_regular(real, CONFIG_LIMIT_BYTES, check=check)
+    except FileNotFoundError:
+        return None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot stat: {e.strerror}") from None
-    if stat.S_ISLNK(lst.st_mode) and lst.st_uid != expected_uid:
-        # planted in a sticky directory, it could point at any root-only file, whose lines the
-        # parse errors would then quote
-        raise ConfigError(
-            f"{path}: config file is a symbolic link owned by uid {lst.st_uid}, not root; "
-            f"fix with: rm {path}, and put the config file there (or pass --insecure-config)"
-        )
-    for target, st_ in ((path, st), (path.parent, os.stat(path.parent))):
-        kind = "file" if target == path else "directory"
-        if st_.st_uid != expected_uid:
-            raise ConfigError(
-                f"{target}: config {kind} is owned by uid {st_.st_uid}, not root; "
-                f"fix with: chown root {target} (or pass --insecure-config)"
-            )
-        writable_by_others = st_.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if kind == "directory" and st_.st_mode & stat.S_ISVTX:
-            writable_by_others = 0 if st.st_uid == expected_uid else writable_by_others
-        if writable_by_others:
-            raise ConfigError(
-                f"{target}: config {kind} is writable by group or others (mode {stat.S_IMODE(st_.st_mode):o}); "
-                f"fix with: chmod go-w {target} (or pass --insecure-config)"
-            )
+        raise ConfigError(f"{where}: cannot read the config file: {e.strerror}") from None
+
+
+def check_file_safety(path: Path, expected_uid: int = 0) -> None:
+    """Refuse a config file, or a directory above it, that someone other than root could change
+    (the checks of :func:`read_config_file`)."""
+    read_config_file(path, check_owner=True, expected_uid=expected_uid)
 
 
 def load(paths: Paths, reloading: bool = False, env: Mapping[str, str] | None = None) -> LoadedConfig:
@@ -109,9 +164,8 @@ def load(paths: Paths, reloading: bool = False, env: Mapping[str, str] | None = 
     """
     path = Path(paths.config)
     overrides = {"PIDFILE": paths.pidfile} if paths.pidfile else {}
-    if os.geteuid() == 0 and not paths.insecure_config:
-        check_file_safety(path)
-    return load_config(path, env=env, overrides=overrides, missing_ok=not reloading)
+    return load_config(path, env=env, overrides=overrides, missing_ok=not reloading,
+                       check_owner=os.geteuid() == 0 and not paths.insecure_config)
 
 
 def pidfile_in_force(paths: Paths, env: Mapping[str, str] | None = None) -> str:
@@ -126,9 +180,7 @@ def pidfile_in_force(paths: Paths, env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     path = Path(paths.config)
     try:
-        if os.geteuid() == 0 and not paths.insecure_config:
-            check_file_safety(path)
-        assignments = read_assignments(path) or []
+        assignments = read_assignments(path, check_owner=os.geteuid() == 0 and not paths.insecure_config) or []
     except ConfigError as e:
         log.warning("%s (pid file from the environment or the default)", str(e).splitlines()[0])
         assignments = []

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable, Optional
 
+from ..core.text import printable
 from ..errors import ExitCode, KsmtunedError
 
 log = logging.getLogger("ksmtuned")
@@ -44,7 +45,7 @@ def daemonize(serve: Callable[[Optional[int]], int]) -> int:
             print("ksmtuned: the daemon failed to start (see the log)", file=sys.stderr)
             return ExitCode.SOFTWARE
         if int(code) != 0:
-            print(f"ksmtuned: {message}", file=sys.stderr)
+            print(f"ksmtuned: {printable(message)}", file=sys.stderr)
         return int(code)
     os.close(read_fd)
     os.setsid()

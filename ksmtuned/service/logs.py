@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Callable, Mapping, TextIO
 
+from ..paths import KERNEL_DIRS
+
 log = logging.getLogger(__name__)
 
 #: What `date` prints in the C locale, e.g. "Sun Nov 29 05:09:43 UTC 2026" (day space-padded).
@@ -37,7 +39,7 @@ class DebugLog:
                  clock: Callable[[], float] = time.time):
         self.path = path
         self.enabled = enabled
-        self.stream = stream if stream is not None else sys.stdout
+        self.stream = stream if stream is not None else sys.stdout  # None when started with fd 1 closed
         # debug lines on standard output that is the journal: at debug priority, not info
         self._line_prefix = "<7>" if not path and is_journal(self.stream) else ""
         self.clock = clock
@@ -55,8 +57,15 @@ class DebugLog:
             try:
                 self.stream.write(data)
                 self.stream.flush()
-            except (OSError, ValueError):
-                pass  # a closed terminal must not stop the daemon
+            except Exception as e:  # noqa: BLE001 - a closed stdout (None, EBADF, EPIPE) must not stop adjusting
+                if not self._failing:
+                    log.warning("cannot write the debug log to standard output: %s (debug lines are dropped "
+                                "until it works again; set LOGFILE)", getattr(e, "strerror", None) or e)
+                self._failing = True
+                return
+            if self._failing:
+                log.info("debug log to standard output works again")
+                self._failing = False
             return
         try:
             fd = self._file()
@@ -103,6 +112,10 @@ def open_private_append(path: str, mode: int = 0o644) -> int:
 
     O_NOFOLLOW refuses a symlink; a regular file must be owned by us and have one link.
     """
+    real_dir = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if any(real_dir == d or real_dir.startswith(d + "/") for d in KERNEL_DIRS):
+        # a directory linked into /proc or /sys: appending there would write kernel tunables
+        raise OSError(errno.EPERM, f"refusing {path}: it is in {real_dir}, under /proc or /sys")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                  mode)
     st = os.fstat(fd)

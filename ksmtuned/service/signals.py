@@ -25,21 +25,45 @@ SIGNAL_EVENTS = {
 }
 
 
+#: Signals whose default action is to terminate, which mean nothing to ksmtuned: ignored while
+#: the daemon runs.  A stray `kill -USR2` or `pkill -ALRM` (or a real-time signal) killed it and
+#: left its pid file behind.  SIGQUIT (a core dump on purpose), SIGKILL and the fault signals
+#: keep their default action.
+IGNORED = tuple(sig for sig in (
+    signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPIPE,
+    getattr(signal, "SIGPWR", None), getattr(signal, "SIGSTKFLT", None),
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+) if sig is not None)
+
+
 class SignalEvents:
     """Blocks the daemon's signals for this thread (and threads started later)."""
 
     def __init__(self):
         self._signals = set(SIGNAL_EVENTS)
         self._old_mask: set | None = None
+        self._old_handlers: dict = {}
 
     def block(self) -> "SignalEvents":
+        """Block the daemon's signals (read by :meth:`wait`) and ignore those in IGNORED."""
         self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
+        for sig in IGNORED:
+            try:
+                self._old_handlers[sig] = signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):  # not settable here, or not from this thread
+                pass
         return self
 
     def unblock(self) -> None:
         if self._old_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
             self._old_mask = None
+        for sig, handler in self._old_handlers.items():
+            try:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+            except (OSError, ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
 
     def __enter__(self):
         return self.block()
