@@ -193,6 +193,8 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
                 if "thp_warning" in r:
                     L.append(f"\n{LABELS[t]}: THP warning in its log: {'yes' if r['thp_warning'] else 'NO'}.")
         L.append("")
+    if res.get("notes"):
+        L += ["## Notes", "", res["notes"], ""]
     if plot:
         L += [f"![pages saved and ksmd CPU against time]({plot})", ""]
     return "\n".join(L)
@@ -291,6 +293,8 @@ def doc_section(res: dict, md_rel: str, png_rel: str | None, command: str) -> st
         L += ["The machine was shared: during the budget runs other people's guest-like processes (test "
               "stand-ins named qemu-system-x86_64, each a burst trigger for the policy) came and went, at most "
               + ", ".join(f"{n} in {sc}" for sc, n in fg.items()) + " at a time (sampled every 5 s).", ""]
+    if res.get("notes"):
+        L += [res["notes"], ""]
     if png_rel:
         L += [f"![pages saved and ksmd CPU against time, per scenario]({png_rel})", ""]
     return "\n".join(L)
