@@ -190,8 +190,9 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
                         f"guest {g['guest']} {_f(g['t50_s'], 1)} / {_f(g['t90_s'], 1)} s" for g in r["per_guest"]))
         if sc == "thp":
             for t, r in tr.items():
-                if "thp_warning" in r:
-                    L.append(f"\n{LABELS[t]}: THP warning in its log: {'yes' if r['thp_warning'] else 'NO'}.")
+                if "thp_warning_lines" in r:  # (older results counted other processes' THP warnings too)
+                    L.append(f"\n{LABELS[t]}: THP warning naming our guests in its log: "
+                             f"{'yes' if r['thp_warning'] else 'NO'}.")
         L.append("")
     if res.get("notes"):
         L += ["## Notes", "", res["notes"], ""]
