@@ -297,7 +297,7 @@ def test_a_fifo_planted_as_pid_file_or_state_file_hangs_no_command(world_readabl
     assert (r.returncode, r.stderr) == (65, f"ksmtuned: {state}: cannot read the state file: a FIFO, not a regular "
                                             "file\n")  # EX_DATAERR: the state file is not one
     r = run(KSMTUNED + ["check", *common], timeout=30)
-    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+    assert r.returncode in (0, 5) and "Traceback" not in r.stderr  # 5: a host check failed (CHECK_FAILED)
     hook = REPO / "etc" / "libvirt" / "hooks" / "qemu.d" / "ksmtuned"
     r = subprocess.run([str(hook), "g0", "started", "begin", "-"], input="", capture_output=True, text=True,
                        timeout=20, env={"PATH": "/usr/bin:/bin", "PIDFILE": str(pidfile)})
