@@ -42,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, suppress=False)
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd)")
     p.add_argument("--debug", action="store_true", help="write the debug log (as DEBUG=1)")
-    p.add_argument("--once", action="store_true", help="one adjust, then exit")
+    p.add_argument("--once", action="store_true", help="one adjust, print the decision, then exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="print what would be written, write nothing (works without root)")
+                   help="with --once: print what would be written, write nothing (works without root)")
     p.add_argument("--force", action="store_true",
                    help="start even when another KSM tuner (momd, mom-vdsm, KubeVirt's virt-handler, "
                         "harvester-node-manager, another ksmtuned) runs")
@@ -52,20 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-file", metavar="PATH", default=None,
                    help=f"state file the daemon writes and `status` reads (default {DEFAULT_STATE_FILE})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    r = sub.add_parser("retune", help="make the running daemon adjust now (SIGUSR1)")
+    r = sub.add_parser("retune", help="make the running daemon adjust now (SIGUSR1)",
+                       description="Make the running daemon adjust now: SIGUSR1 to the process the pid file "
+                                   "names, once it is verified to be ksmtuned holding that file's lock. "
+                                   "Exit 3 when no daemon runs (0 with --quiet), 77 when not allowed to signal it.")
     _common(r, suppress=True)
     r.add_argument("--quiet", action="store_true", help="no message and exit 0 when no daemon runs (for hooks)")
-    c = sub.add_parser("check-config", help="print the effective settings and where each came from")
+    c = sub.add_parser("check-config", help="print the effective settings and where each came from",
+                       description="Read the config file (and the environment) as the daemon would and print "
+                                   "every setting in force, with where it came from (file:line, environment, "
+                                   "default). Exit 78 when the config is invalid or unsafe.")
     _common(c, suppress=True)
     c.add_argument("--json", action="store_true", help="machine-readable output")
-    g = sub.add_parser("guests", help="list the processes counted as guests")
+    g = sub.add_parser("guests", help="list the processes counted as guests",
+                       description="List the processes KSM_GUEST_MATCH counts as guests, with the memory the "
+                                   "daemon counts for each as committed.")
     _common(g, suppress=True)
     g.add_argument("--json", action="store_true", help="machine-readable output")
-    s = sub.add_parser("status", help="what the daemon decided and what KSM is doing")
+    s = sub.add_parser("status", help="what the daemon decided and what KSM is doing",
+                       description="Show the daemon's last decision (from its state file) and KSM's counters "
+                                   "and knobs. Exits 0 whether or not the daemon runs, and says which.")
     _common(s, suppress=True)
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--state-file", metavar="PATH", default=argparse.SUPPRESS)
-    k = sub.add_parser("check", help="host checks from the virtualization guide")
+    k = sub.add_parser("check", help="host checks from the virtualization guide",
+                       description="Run the virtualization guide's host checks (memory and vCPU overcommit, "
+                                   "swap size, KSM, services, transparent huge pages, advisor), each pass, "
+                                   "warn, fail or skip. Exit 0 when none fails, 5 when one fails, "
+                                   "1 when the checks could not run.")
     _common(k, suppress=True)
     k.add_argument("--json", action="store_true", help="machine-readable output")
     return p
@@ -95,6 +109,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.version:
         print(f"ksmtuned {__version__}")
         return ExitCode.OK
+    if args.dry_run and not args.once and args.command is None:
+        # a dry run is one adjust; say so instead of silently not starting the daemon
+        build_parser().error("--dry-run needs --once (ksmtuned --dry-run --once: one adjust that writes nothing)")
     paths = paths_from(args)
     try:
         if args.command == "retune":
@@ -129,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         dry_run=args.dry_run, force=args.force)
     except KsmtunedError as e:
         # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
-        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")), file=sys.stderr)
+        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")),
+              file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return ExitCode.OK
@@ -160,7 +178,7 @@ def build_ksmctl_parser() -> argparse.ArgumentParser:
 
 
 def ksmctl_main(argv: Optional[List[str]] = None) -> int:
-    """ksmctl start|stop: what ksm.service runs."""
+    """ksmctl start|stop [--unmerge]: what ksm.service runs."""
     p = build_ksmctl_parser()
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.unmerge and args.action != "stop":

@@ -13,10 +13,11 @@ class ExitCode(enum.IntEnum):
     """Documented in README.md ("Exit codes"); used by ksmtuned.service's RestartPreventExitStatus."""
 
     OK = 0
-    SOFTWARE = 1  # an unexpected failure (a bug), or a `check` that found a failing host check
+    SOFTWARE = 1  # an unexpected failure (a bug, a crash); `--once` when the adjust failed
     USAGE = 2  # bad command line
     NOT_RUNNING = 3  # `retune`: no verified ksmtuned daemon runs (`status` still exits 0 and says so)
     ALREADY_RUNNING = 4  # another ksmtuned holds the pid file lock
+    CHECK_FAILED = 5  # `check` ran and a host check failed (a crash of `check` is 1)
     DATA = 65  # EX_DATAERR: `status`: the state file is not a ksmtuned state file (truncated, planted, foreign)
     UNAVAILABLE = 69  # EX_UNAVAILABLE: this kernel has no KSM
     NO_PERMISSION = 77  # EX_NOPERM: must run as root

@@ -101,7 +101,15 @@ class FakeHost:
         self.fake_guests = FakeGuests(self.root)
         self.guest_pids = [self.fake_guests.start(f"{name}-vm{i}", "-m", "64M") for i in range(guests)]
         self.procfs = fake_procfs(self.root, self.guest_pids, ram_gib)
-        (self.procfs / str(FAKE_KSMD_PID)).mkdir()
+        ksmd = self.procfs / str(FAKE_KSMD_PID)
+        ksmd.mkdir()
+        # what a kernel thread's directory holds, as far as the guest finder (psutil) reads it:
+        # no command line, root's uids
+        (ksmd / "cmdline").write_text("")
+        (ksmd / "comm").write_text("ksmd\n")
+        (ksmd / "status").write_text(f"Name:\tksmd\nState:\tS (sleeping)\nTgid:\t{FAKE_KSMD_PID}\n"
+                                     f"Pid:\t{FAKE_KSMD_PID}\nPPid:\t2\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n"
+                                     "Threads:\t1\n")
         self.ksmd_cpu_per_s = ksmd_cpu_per_s
         self.ksmd_cpu_s = ksmd_cpu_per_s * ksmd_history_s  # ksmd ran before the daemon started
         self.write_ksmd(0.0)

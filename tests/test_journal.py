@@ -140,7 +140,9 @@ kill -TERM $(cat {tmp}/pid); wait $cat_pid || true
 journalctl -t ksmtuned-test -o json --no-pager > {tmp}/out.json
 kill $jpid; wait $jpid || true
 """
-    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+    # a pid namespace too: when its pid 1 (this bash) exits, however, journald and the daemon go with it
+    r = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "--propagation", "private",
+                        "bash", "-c", script],
                        capture_output=True, text=True, timeout=120)
     if r.returncode == 90:
         pytest.skip(f"systemd-journald does not run outside systemd here: {r.stderr.strip()[-300:]}")

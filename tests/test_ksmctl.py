@@ -206,3 +206,39 @@ def test_unmerge_on_the_real_ksm(real_ksm, tmp_path):
         assert (real_ksm / "pages_sharing").read_text().strip() == "0"
         assert (real_ksm / "pages_shared").read_text().strip() == "0"
         assert (real_ksm / "run").read_text().strip() == "2"
+
+
+def test_unmerge_on_a_terminal_clears_its_progress_line(tmp_path):
+    """On a terminal the progress line is redrawn in place ("\\r", erase to the end of line) and
+    cleared before the last line; the stand-in's write returns at once, so no redraw is due."""
+    import pty
+
+    ksm = fake_ksm_dir(tmp_path)
+    (ksm / "run").write_text("1\n")
+    (ksm / "pages_sharing").write_text("10\n")
+    procfs = fake_meminfo(tmp_path, 8 * 1024 * 1024)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from ksmtuned.cli import ksmctl_main; "
+                              "sys.exit(ksmctl_main())", "stop", "--unmerge", "--sysfs", str(ksm),
+                              "--procfs", str(procfs)], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert p.wait(timeout=30) == 0
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    text = out.decode()
+    assert text.startswith("ksmctl: unmerging: pages_sharing 10, pages_shared 0"), text
+    assert "\r\x1b[K" in text and text.rstrip().endswith("run=2"), repr(text)
+    assert (ksm / "run").read_text() == "2"

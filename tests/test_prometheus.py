@@ -169,6 +169,8 @@ def test_recording_rules_give_fleet_wide_numbers(fleet):
     profit = sum(int(HOSTS[n][1]["general_profit"]) for n in HOSTS)
     assert prom.values("ksmtuned:ksm_profit_bytes:sum", "") == {"": profit}
     assert prom.values("ksmtuned:guests:sum", "") == {"": 3}
+    # no adjust has failed on any host so far
+    assert prom.values('ksmtuned_decisions_total{decision="error"}', "host") == {n: 0 for n in HOSTS}
     assert prom.values("instance:ksmtuned_guests:count", "host") == {"calm": 1, "steady": 2, "troubled": 0}
     ratio = prom.values("instance:ksmtuned_ksm_waste:ratio", "host")
     assert ratio["troubled"] == 50 and ratio["steady"] == 0.01

@@ -465,10 +465,12 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
     try:
         (bindir / "momd").symlink_to(shutil.which("sleep"))
         (bindir / "virt-handler").symlink_to(shutil.which("sleep"))
+        (bindir / "harvester-node-manager").symlink_to(shutil.which("sleep"))
         (bindir / "ksmtuned").write_text("#!/bin/bash\nsleep 600\n")
         (bindir / "ksmtuned").chmod(0o755)
         fakes = [subprocess.Popen(AS_NOBODY + [str(bindir / "momd"), "600"]),
                  subprocess.Popen(AS_NOBODY + [str(bindir / "virt-handler"), "600"]),
+                 subprocess.Popen(AS_NOBODY + [str(bindir / "harvester-node-manager"), "600"]),
                  subprocess.Popen(AS_NOBODY + ["/bin/bash", str(bindir / "ksmtuned")], start_new_session=True)]
         try:
             time.sleep(0.2)
@@ -509,13 +511,12 @@ def test_unit_conflicts_with_mom():
 
 @root
 @pytest.mark.parametrize("quiet", [False, True])
-def test_retune_by_another_user_is_exit_77_not_a_traceback(tmp_path, quiet):
+def test_retune_by_another_user_is_exit_77_not_a_traceback(world_readable_tmp, quiet):
     """A non-root user may read the pid file and find the daemon, but not signal root's process."""
     from tests.conftest import skip_unless_nobody_can_run_python
 
     skip_unless_nobody_can_run_python()
-    tmp_path.chmod(0o755)
-    _nobody_can_reach(tmp_path / "ksmtune.pid")  # pytest's base temp dirs are 0700
+    tmp_path = world_readable_tmp  # pytest's own tmp_path is under /tmp/pytest-of-root, mode 0700
     from tests.daemon_support import DaemonProc
 
     with DaemonProc(tmp_path) as d:

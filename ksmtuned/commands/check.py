@@ -481,7 +481,7 @@ def render_text(checks: list[Check]) -> str:
 
 
 def main(paths: Paths, as_json: bool = False) -> int:
-    """Exit 0 when no check fails, 1 when any does."""
+    """Exit 0 when no check fails, 5 (CHECK_FAILED) when any does; a crash is 1, as anywhere."""
     from ..core.config import Settings
     from ..errors import ConfigError
     from ..service.config_file import load, pidfile_in_force
@@ -501,4 +501,4 @@ def main(paths: Paths, as_json: bool = False) -> int:
         print(json.dumps(report(host, checks).model_dump(mode="json", by_alias=True), indent=2))
     else:
         sys.stdout.write(render_text(checks))
-    return ExitCode.SOFTWARE if any(c.verdict == "fail" for c in checks) else ExitCode.OK
+    return ExitCode.CHECK_FAILED if any(c.verdict == "fail" for c in checks) else ExitCode.OK

@@ -44,11 +44,11 @@ def unmerge_warning(needed_bytes: int, available_kib: int) -> Optional[str]:
     """The warning to give before unmerging, or None when MemAvailable holds the copies."""
     if needed_bytes <= available_kib * 1024:
         return None
-    return (f"unmerging needs {_mib(needed_bytes)} for the pages KSM merged, but MemAvailable is only "
-            f"{_mib(available_kib * 1024)}: the host may swap, or the OOM killer may end a guest")
+    return (f"unmerging needs {_size(needed_bytes)} for the pages KSM merged, but MemAvailable is only "
+            f"{_size(available_kib * 1024)}: the host may swap, or the OOM killer may end a guest")
 
 
-def _mib(n: float) -> str:
+def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -70,7 +70,7 @@ def unmerge(ksm: KsmSysfs, procfs: Path, out: TextIO, page_size: int = mmap.PAGE
     if warning:
         print(f"ksmctl: warning: {warning}", file=out, flush=True)
     tty = out.isatty()
-    print(f"ksmctl: unmerging: pages_sharing {sharing}, pages_shared {shared} ({_mib(needed)} to copy back)",
+    print(f"ksmctl: unmerging: pages_sharing {sharing}, pages_shared {shared} ({_size(needed)} to copy back)",
           file=out, flush=True)
     failure: list[BaseException] = []
 

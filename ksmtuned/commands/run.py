@@ -67,7 +67,13 @@ class _Runner:
         report = self.daemon(once=True).adjust("once")
         if report.decision is None or report.error:
             return ExitCode.SOFTWARE
-        print(report.decision.explain())
+        if self.dry_run:  # the "would write" lines said what changes
+            print(report.decision.explain())
+        else:
+            changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in report.writes)
+            print(f"{report.decision.explain()} ({changes or 'no write needed'})")
+        if report.budget is not None:  # KSM_POLICY=budget (it left steady values behind)
+            print(report.budget.explain())
         return ExitCode.OK
 
     def serve(self, ready_fd: Optional[int]) -> int:

@@ -89,6 +89,8 @@ def collect_status(sysfs_root: Path, procfs: Path, pidfile: str, state_path: Pat
             "recent_window_s": None,
             "cpu_percent_since_boot": _round(ksmd.average_percent(), 3),
         },
+        # KSM_POLICY=budget: the mode and why, ksmd's CPU, what is left to merge (docs/budget.md)
+        "budget": (state or {}).get("budget"),
         "history": {
             "ticks": len(history),
             "saved_bytes": [h.get("saved_bytes") for h in history],
@@ -231,6 +233,9 @@ def render_text(st: dict[str, Any]) -> str:
         boot = (f"{kd['cpu_percent_since_boot']:.2f} % since boot, "
                 if kd["cpu_percent_since_boot"] is not None else "")
         lines.append(f"  ksmd: pid {kd['pid']}, CPU {recent}{boot}{kd['cpu_seconds']:.2f} s in all")
+    b = st.get("budget")
+    if b:
+        lines.append(f"  {b.get('explain')}")
     hist = st["history"]
     if hist["ticks"]:
         values = [v for v in hist["saved_bytes"] if isinstance(v, (int, float))]

@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from ..errors import ConfigError
 from ..paths import DEFAULT_PIDFILE, KERNEL_DIRS
+from .budget import BudgetSettings
 from .matchers import DEFAULT_TRUST
 from .policy import Tuning
 from .shellconf import DEFAULT_CONFIG_PATH, Assignment, parse_assignments
@@ -201,6 +202,8 @@ GuestTrust = Annotated[Tuple[str, ...], BeforeValidator(to_guest_trust)]
 Listen = Annotated[Optional[Tuple[str, int]], BeforeValidator(to_listen)]
 PsMetric = Annotated[Literal["rss", "pss", "vsz"], BeforeValidator(choice("rss", "pss", "vsz", also={"rsz": "rss"}))]
 FreeMetric = Annotated[Literal["classic", "available"], BeforeValidator(choice("classic", "available"))]
+Policy = Annotated[Literal["classic", "budget"], BeforeValidator(choice("classic", "budget"))]
+AdvisorChoice = Annotated[Literal["take", "leave"], BeforeValidator(choice("take", "leave"))]
 
 
 def setting(alias: str, default: Any, *, unit: str, range_text: str = "", meaning: str, **bounds: Any) -> Any:
@@ -289,6 +292,25 @@ class Settings(BaseModel):
     metrics_textfile: OutputPath = setting(
         "KSM_METRICS_TEXTFILE", None, unit="absolute path", range_text="not under /proc or /sys",
         meaning="node_exporter textfile, written atomically each tick; off when empty")
+    # --- the budget policy (docs/budget.md): classic decides whether KSM runs, budget how hard ---
+    policy: Policy = setting(
+        "KSM_POLICY", "classic", unit="classic | budget",
+        meaning="how hard ksmd scans: the old ramp, or bursts then a CPU budget (docs/budget.md)")
+    budget_burst_pct: BashNumber = setting(
+        "KSM_BUDGET_BURST_PCT", 80.0, gt=0, le=100, unit="% of one core", range_text="> 0, <= 100",
+        meaning="budget: ksmd's CPU while new memory is merged")
+    budget_steady_pct: BashNumber = setting(
+        "KSM_BUDGET_STEADY_PCT", 0.25, gt=0, le=100, unit="% of one core", range_text="> 0, <= 100",
+        meaning="budget: ksmd's CPU ceiling otherwise")
+    budget_min_pass_s: BashNumber = setting(
+        "KSM_BUDGET_MIN_PASS", 200.0, gt=0, le=86400, unit="seconds", range_text="> 0, <= 86400",
+        meaning="budget: merged memory is re-scanned at most once per this")
+    budget_watch_s: BashNumber = setting(
+        "KSM_BUDGET_WATCH", 0.5, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
+        meaning="budget: how often new guests and grown ones are looked for")
+    budget_advisor: AdvisorChoice = setting(
+        "KSM_BUDGET_ADVISOR", "take", unit="take | leave",
+        meaning="budget: switch the kernel's advisor off while running (and back on exit), or leave it the scan rate")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -324,6 +346,12 @@ class Settings(BaseModel):
     def by_alias(self) -> Dict[str, Any]:
         """{KSM_* key: value}, JSON-ready (tuples as lists)."""
         return self.model_dump(mode="json", by_alias=True)
+
+    def budget(self, hz: Optional[int] = None) -> BudgetSettings:
+        """The budget law's knobs (hz: the kernel's CONFIG_HZ, where known)."""
+        return BudgetSettings(burst_pct=self.budget_burst_pct, steady_pct=self.budget_steady_pct,
+                              min_pass_s=self.budget_min_pass_s, watch_s=self.budget_watch_s,
+                              **({"hz": hz} if hz else {}))
 
     def tuning(self) -> Tuning:
         return Tuning(

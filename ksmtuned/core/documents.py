@@ -106,6 +106,25 @@ class HistoryEntry(Part):
     npages: Optional[int] = None
 
 
+class StateBudget(Part):
+    """KSM_POLICY=budget's last decision (docs/budget.md); the key is null under classic."""
+
+    mode: Literal["burst", "steady", "off"]
+    trigger: str = Field("", description="bursting: the first trigger's kind (new-guest, growth, retune, "
+                                         "unvisited); empty otherwise")
+    reason: str = Field(description="the trigger of a burst, or how the last one ended")
+    explain: str = Field(description="the decision in words (as in the log)")
+    pages_to_scan: Optional[int] = Field(description="what the budget wants (null: KSM off)")
+    sleep_ms: Optional[int]
+    ksmd_cpu_pct: Optional[float] = Field(description="ksmd's CPU over the last budget tick, % of one core")
+    target_cpu_pct: float = Field(description="the CPU this decision aims at, % of one core")
+    unmerged_kib: int = Field(description="estimate of memory that may still merge")
+    eta_s: Optional[float] = Field(description="bursting: estimated seconds until done")
+    churn_factor: float = Field(description="share of the steady budget left under churn (1: none)")
+    burst_bucket_cpu_s: float = Field(description="burst CPU-seconds left in the bucket")
+    cost_ns_per_page: float = Field(description="ksmd's measured CPU per page visit, ns")
+
+
 class StateHistory(Part):
     """What the daemon's start reads of a previous daemon's state file: only its history."""
 
@@ -134,6 +153,8 @@ class StateDocument(Part):
     ksmd: StateKsmd
     guests: List[StateGuest]
     settings: Settings = Field(description="the settings in force, by their ksmtuned.conf keys")
+    budget: Optional[StateBudget] = Field(None, description="KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates")
+    #: last: the reporter appends its pre-serialized entries to the JSON text
     history: List[HistoryEntry] = Field(description="the last ticks, oldest first (at most 300)")
 
 
@@ -202,6 +223,7 @@ class StatusDocument(Part):
     waste_ratio: Optional[float] = Field(description="pages_unshared / pages_sharing")
     ksmd: StatusKsmd
     history: StatusHistory
+    budget: Optional[StateBudget] = Field(None, description="KSM_POLICY=budget: the state file's budget block")
 
 
 # --- check --json --------------------------------------------------------------------------

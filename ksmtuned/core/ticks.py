@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from .budget import BudgetDecision
 from .config import Settings
 from .policy import Decision, Limits
 
@@ -101,6 +102,8 @@ class TickReport:
     ksm: dict[str, Any] = field(default_factory=dict)
     ksmd_pid: Optional[int] = None
     ksmd_cpu_s: Optional[float] = None  # ksmd's CPU time since boot
+    #: KSM_POLICY=budget: the budget law's decision this tick (mode, trigger, CPU, estimates)
+    budget: Optional[BudgetDecision] = None
 
 
 # --- one tick's data -----------------------------------------------------------------------
@@ -146,6 +149,7 @@ class TickData:
     last_success_s: float | None
     page_size: int = PAGE_SIZE
     writes: tuple[dict, ...] = field(default_factory=tuple)
+    budget: Optional[dict] = None  # KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates
 
     @property
     def saved_bytes(self) -> int | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..core.budget import BudgetDecision, Mode
 from ..core.config import LoadedConfig, Settings
 from ..core.policy import Decision, Limits, Sample, decide, limits_for, start_lines, tick_lines
 from ..core.ticks import Guest, TickReport, Write, committed_kib
@@ -22,9 +23,11 @@ from ..errors import ConfigError, KernelInterfaceError, KsmtunedError
 from ..kernel import meminfo
 from ..kernel.ksm import KsmSysfs
 from ..kernel.ksmd import Ksmd
+from ..kernel.vmstat import kernel_hz
 from ..service.logs import DebugLog
 from ..service.notify import Notifier
 from ..service.signals import Event, SignalEvents
+from .budget import BudgetDriver, Watch, write_knob
 from .guests import GuestFinder
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,11 @@ class Daemon:
         self._failing_since: float | None = None
         self._logged: dict[str, float] = {}  # error key -> when it was last logged, while failing
         self.once = once  # --once: nothing will be retried
+        self._hz: int | None = None
+        self.budget: BudgetDriver | None = self._make_budget(config.settings)
+        self._budget_due: float | None = None  # clock time of the next budget tick
+        self._watch = Watch(str(self.procfs))
+        self._watch_due: float | None = None  # ...and of the next cheap look between steady ticks
 
     # --- construction helpers -------------------------------------------------------
     def _make_debug_log(self, settings: Settings) -> DebugLog:
@@ -83,6 +91,33 @@ class Daemon:
 
     def _make_guest_finder(self, settings: Settings) -> GuestFinder:
         return GuestFinder.from_settings(settings, run_dir=str(self.run_dir))
+
+    def _make_budget(self, settings: Settings) -> BudgetDriver | None:
+        """The budget policy's driver when KSM_POLICY=budget (docs/budget.md), else None."""
+        if settings.policy != "budget":
+            return None
+        if self._hz is None:
+            self._hz = kernel_hz(self.procfs) or 250
+        return BudgetDriver(self.sysfs, Ksmd(self.procfs), settings.budget(self._hz),
+                            advisor=settings.budget_advisor, vmstat_path=f"{self.procfs}/vmstat")
+
+    def _budget_writer(self):
+        if not self.dry_run:
+            return write_knob(self.sysfs)
+
+        def would(name: str, value: str) -> None:
+            try:
+                old = self.sysfs.read(name)
+            except KernelInterfaceError:
+                old = None
+            if old != value:
+                self.out(f"would write {self.sysfs.path(name)}: {old} -> {value}")
+        return would
+
+    def stop_budget(self) -> None:
+        """Leave ksmd at steady values and give the advisor back (exit, --once, a reload to classic)."""
+        if self.budget is not None:
+            self.budget.stop(self._budget_writer())
 
     @property
     def settings(self) -> Settings:
@@ -123,6 +158,11 @@ class Daemon:
                 old_settings.guest_match, old_settings.ps_metric, old_settings.guest_trust):
             self.guest_finder.close()
             self.guest_finder = self._make_guest_finder(new.settings)
+        if (new.settings.policy, new.settings.budget_advisor) != (old_settings.policy, old_settings.budget_advisor):
+            self.stop_budget()
+            self.budget = self._make_budget(new.settings)
+        elif self.budget is not None:
+            self.budget.settings = new.settings.budget(self._hz)
         try:
             self.start()
         except KernelInterfaceError as e:
@@ -161,11 +201,20 @@ class Daemon:
             # The law's state moves on even if a write fails (as the old daemon's npages does);
             # the next tick writes again whatever still differs.
             self.npages = decision.npages
+            budget_knobs = None
+            if self.budget is not None:
+                if not self.budget.started:  # crash safety: steady values before any decision
+                    self.budget.start(self._budget_writer())
+                report.budget = self.budget.decide(self.clock(), decision.run, guests, retune=reason == "retune")
+                budget_knobs = self.budget.wanted(report.budget)
+                self._budget_due = self._next_budget_tick(report.budget, guests)
             try:
-                report.writes = self.apply(decision)
+                report.writes = self.apply(decision, budget_knobs=budget_knobs)
             finally:
-                self.debug_log.write(tick_lines(decision))
-            self._log_change(decision, report.writes)
+                self.debug_log.write(self._tick_lines(decision, report.budget))
+            self._log_change(decision, report.writes, report.budget)
+            if self.once:
+                self.stop_budget()
             self.last_decision = decision
             if self._failing_since is not None:
                 log.info("adjusting works again (after %.0f s of failures)", self.clock() - self._failing_since)
@@ -223,12 +272,18 @@ class Daemon:
             log.debug("adjust failed (%s) again: %s", reason, text)
         self._failing_since = self._failing_since or now
 
-    def apply(self, decision: Decision) -> list[Write]:
+    def apply(self, decision: Decision, budget_knobs: list[tuple[str, str]] | None = None) -> list[Write]:
         """Write pages_to_scan, sleep_millisecs, then run=1; or run=0.  Only what differs.
+
+        ``budget_knobs``: KSM_POLICY=budget's pages_to_scan and sleep_millisecs instead of the
+        classic ones (none while the kernel's advisor owns the scan rate).
         """
         if decision.run:
-            wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
-                      ("run", "1")]
+            if budget_knobs is not None:
+                wanted = list(budget_knobs) + [("run", "1")]
+            else:
+                wanted = [("pages_to_scan", str(decision.npages)), ("sleep_millisecs", str(decision.sleep_ms)),
+                          ("run", "1")]
         else:
             wanted = [("run", "0")]
         if self.dry_run:
@@ -266,15 +321,115 @@ class Daemon:
             raise errors[0]
         return writes
 
-    def _log_change(self, decision: Decision, writes: list[Write]) -> None:
+    def _log_change(self, decision: Decision, writes: list[Write], budget: BudgetDecision | None = None) -> None:
+        if self.once:
+            return  # `--once` prints the decision itself, on standard output: once, not also here
         previous = self.last_decision
         if writes or previous is None or previous.branch is not decision.branch:
             changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in writes) or "no write needed"
-            log.info("%s (%s)", decision.explain(), changes)
+            text = decision.explain() if budget is None else f"{decision.explain()}; {budget.explain()}"
+            log.info("%s (%s)", text, changes)
+
+    def _tick_lines(self, decision: Decision, budget: BudgetDecision | None) -> list[str]:
+        """The classic debug lines; under KSM_POLICY=budget one more line before the last says
+        the budget's mode and why, and the KSMCTL line shows the budget's values."""
+        lines = tick_lines(decision)
+        if budget is not None and decision.run:
+            lines[-1:] = [budget.explain(), f"KSMCTL start {budget.pages_to_scan} {budget.sleep_ms}"]
+        return lines
+
+    def _next_budget_tick(self, budget: BudgetDecision, guests: list[Guest] | None = None) -> float | None:
+        """When the law wants its next tick; in steady mode also arm the cheap watch between."""
+        now = self.clock()
+        self._watch_due = None
+        if budget.mode is Mode.STEADY and self.budget is not None:
+            self._watch.arm(guests or ())
+            self._watch_due = now + self.settings.budget_watch_s
+        return None if budget.next_tick_s is None else now + budget.next_tick_s
+
+    def budget_watch(self) -> None:
+        """The cheap look between steady ticks: a full budget tick only if something moved."""
+        assert self.budget is not None
+        growth = self.budget.settings.growth_kib
+        moved = self._watch.changed(growth)
+        if moved == "memory":  # the host's anonymous memory grew: is it a (new) guest's?
+            try:
+                guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
+            except Exception:
+                guests = None
+            if guests is not None and self._watch.same_guests(guests, growth):
+                self._watch.arm(guests)
+                moved = None
+        if moved:
+            self.budget_tick()
+        else:
+            self._watch_due = self.clock() + self.settings.budget_watch_s
+
+    def budget_tick(self) -> TickReport | None:
+        """A tick of the budget law alone, between two adjusts (bursts, the watch for new guests):
+        the classic decision stays; pages_to_scan and sleep_millisecs follow the budget.  Observers
+        hear of it only when the mode changes (the state file shows it; counts are the adjusts')."""
+        assert self.budget is not None
+        started = self.clock()
+        self._budget_due = None
+        previous = self.budget.last
+        try:
+            guests = self.guest_finder.scan(untrusted=False)  # as the adjust counts them
+            running = self.last_decision is not None and self.last_decision.run
+            bd = self.budget.decide(self.clock(), running, guests)
+            self._budget_due = self._next_budget_tick(bd, guests)
+            report = TickReport(time_s=self.wall_clock(), duration_s=0.0, reason="budget", settings=self.settings,
+                                limits=self.limits, decision=self.last_decision, guests=guests,
+                                committed_kib=committed_kib(guests, self.settings.ps_metric), budget=bd)
+            if running:
+                report.writes = self._write_knobs(self.budget.wanted(bd))
+        except KsmtunedError as e:
+            key = f"{type(e).__name__}:{e.path}:{e.errno}" if isinstance(e, KernelInterfaceError) and e.path else str(e)
+            self._log_failure("budget", str(e), key=key)
+            self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
+            return None
+        except Exception as e:  # the tick boundary
+            self._log_failure("budget", f"unexpected error:\n{traceback.format_exc().rstrip()}",
+                              key=f"{type(e).__name__}: {e}")
+            self._budget_due = self.clock() + self.settings.budget_watch_s
+            self._watch_due = None
+            return None
+        changed = previous is None or previous.mode is not bd.mode
+        if report.writes or changed:
+            changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in report.writes) or "no write needed"
+            (log.info if changed else log.debug)("%s (%s)", bd.explain(), changes)
+            if running:
+                self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
+        report.duration_s = self.clock() - started
+        if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
+            self._observe_ksm(report)
+            self._notify(report)
+            for observer in self.observers:
+                try:
+                    observer(report)
+                except Exception:
+                    log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
+        return report
+
+    def _write_knobs(self, wanted: list[tuple[str, str]]) -> list[Write]:
+        if self.dry_run:
+            writer = self._budget_writer()
+            for name, value in wanted:
+                writer(name, value)
+            return []
+        writes = []
+        for name, value in wanted:
+            w = self.sysfs.write_if_changed(name, value)
+            if w is not None:
+                writes.append(w)
+        return writes
 
     def _notify(self, report: TickReport) -> None:
         if report.decision is not None:
             status = report.decision.explain()
+            if report.budget is not None:
+                status = f"{status}; {report.budget.explain()}"
         else:
             status = f"adjust failed: {report.error}"
         if not self.ready_sent and report.decision is not None:
@@ -291,6 +446,15 @@ class Daemon:
         try:
             while True:
                 timeout = deadline - self.clock()
+                # KSM_POLICY=budget looks more often than the interval: every second or so while
+                # bursting (a burst's values are never left alone long), and at KSM_BUDGET_WATCH
+                # for new guests and growth otherwise (docs/budget.md, "How the loop wakes")
+                budget_due = self._budget_due if self.budget is not None else None
+                watch_due = self._watch_due if self.budget is not None else None
+                if budget_due is not None:
+                    timeout = min(timeout, budget_due - self.clock())
+                if watch_due is not None:
+                    timeout = min(timeout, watch_due - self.clock())
                 if self.notifier.watchdog_s:
                     self.notifier.watchdog()
                     timeout = min(timeout, self.notifier.watchdog_s / 2)
@@ -305,6 +469,12 @@ class Daemon:
                     reason = "retune"
                 elif self.clock() >= deadline:
                     reason = "interval"
+                elif budget_due is not None and self.clock() >= budget_due:
+                    self.budget_tick()
+                    continue
+                elif watch_due is not None and self.clock() >= watch_due:
+                    self.budget_watch()
+                    continue
                 else:
                     continue  # a watchdog wake-up
                 tick_start = self.clock()
@@ -312,6 +482,7 @@ class Daemon:
                 deadline = tick_start + self.settings.monitor_interval_s
         finally:
             self.notifier.stopping()
+            self.stop_budget()  # SIGTERM mid-burst: ksmd is left at steady values
             self.debug_log.close()
 
 

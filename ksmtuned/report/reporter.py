@@ -16,11 +16,11 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Dict, Optional
 
 from .. import __version__
 from ..core.documents import Counts, HistoryEntry, Inputs, KnobWrite, StateDaemon, StateDecision, StateDocument
-from ..core.documents import StateGuest, StateKsmd
+from ..core.documents import StateBudget, StateGuest, StateKsmd
 from ..core.ticks import DECISION_KINDS, Guest, GuestData, TickData
 from ..paths import DEFAULT_SYSFS
 from .state import DEFAULT_STATE_PATH, HISTORY_LEN, atomic_write, read_history, remove_stale_temps
@@ -34,6 +34,25 @@ def _guest_data(guest: Guest, ps_metric: str) -> GuestData:
     return GuestData(pid=guest.pid, name=guest.name, matcher=guest.matcher,
                      memory_kib=guest.rss_kib if memory is None else memory,
                      ksm_merging_pages=guest.ksm_merging_pages, ksm_profit_bytes=guest.ksm_profit_bytes)
+
+
+def budget_dict(decision) -> Optional[Dict[str, Any]]:
+    """KSM_POLICY=budget's decision as the state file shows it (StateBudget); None: classic."""
+    if decision is None:
+        return None
+    return {
+        "mode": decision.mode.value, "trigger": decision.trigger, "reason": decision.reason,
+        "explain": decision.explain(),
+        "pages_to_scan": decision.pages_to_scan, "sleep_ms": decision.sleep_ms,
+        "ksmd_cpu_pct": _round(decision.cpu_pct, 4), "target_cpu_pct": round(decision.target_pct, 4),
+        "unmerged_kib": decision.to_merge_kib, "eta_s": _round(decision.eta_s, 1),
+        "churn_factor": round(decision.churn_factor, 3), "burst_bucket_cpu_s": round(decision.bucket_cpu_s, 3),
+        "cost_ns_per_page": round(decision.cost_ns_per_page, 1),
+    }
+
+
+def _round(x: Optional[float], digits: int) -> Optional[float]:
+    return None if x is None else round(x, digits)
 
 
 # --- the observer --------------------------------------------------------------------------
@@ -55,12 +74,13 @@ class Reporter:
         self.adjust_seconds_sum = 0.0
         self.last_success_s: float | None = None
         self.last: TickData | None = None
-        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LEN)
+        # each entry as its JSON text, serialized once: dumping 300 models every tick cost 0.5 ms
+        self.history: deque[str] = deque(maxlen=HISTORY_LEN)
         self._failing: dict[str, str] = {}
         self.metrics = None  # ksmtuned.metrics.Metrics, created when first configured
         self._metrics_settings = None
         if self.state_path is not None:
-            self.history.extend(read_history(self.state_path))
+            self.history.extend(entry.model_dump_json() for entry in read_history(self.state_path))
             try:
                 self.state_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
@@ -74,9 +94,10 @@ class Reporter:
         settings = report.settings
         decision = report.decision
         kind = "error" if report.error is not None or decision is None else decision.branch.value
-        self.decisions[kind] += 1
-        self.adjusts += 1
-        self.adjust_seconds_sum += report.duration_s
+        if report.reason != "budget":  # a budget tick between adjusts (docs/budget.md) is no adjust
+            self.decisions[kind] += 1
+            self.adjusts += 1
+            self.adjust_seconds_sum += report.duration_s
         if kind != "error":
             self.last_success_s = report.time_s
         ksm = report.ksm
@@ -97,12 +118,13 @@ class Reporter:
             decisions=dict(self.decisions), adjusts=self.adjusts, adjust_seconds_sum=self.adjust_seconds_sum,
             last_success_s=self.last_success_s,
             writes=tuple({"name": w.name, "old": w.old, "new": w.new} for w in (report.writes or ())),
+            budget=budget_dict(getattr(report, "budget", None)),
         )
 
     def __call__(self, report) -> None:
         data = self.collect(report)
         self.last = data
-        self.history.append(HistoryEntry(**data.history_entry()))
+        self.history.append(HistoryEntry(**data.history_entry()).model_dump_json())
         # metrics first: once the state file shows a tick, the metrics show it too
         self._configure_metrics(report.settings)
         if self.metrics is not None:
@@ -134,9 +156,12 @@ class Reporter:
             ksmd=StateKsmd(pid=data.ksmd_pid, cpu_seconds=data.ksmd_cpu_s),
             guests=[StateGuest(**g.__dict__) for g in data.guests],
             settings=settings,
-            history=list(self.history),
+            budget=StateBudget(**data.budget) if data.budget else None,
+            history=[],  # last key: filled in below, pre-serialized
         )
-        return doc.model_dump_json(by_alias=True) + "\n"
+        text = doc.model_dump_json(by_alias=True)
+        # history is the document's last key: its entries go in as serialized when they were new
+        return text[:-len('[]}')] + "[" + ",".join(self.history) + "]}\n"
 
     def _write_state(self, settings, data: TickData) -> None:
         assert self.state_path is not None

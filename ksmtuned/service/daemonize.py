@@ -14,15 +14,21 @@ from ..errors import ExitCode, KsmtunedError
 log = logging.getLogger("ksmtuned")
 
 
-def tell_parent(fd: Optional[int], message: str) -> None:
-    """Send "CODE message" to the waiting parent (once); nothing when not forked."""
-    if fd is None:
-        return
+_answered: dict = {}  # ready fd -> whether the answer the parent got through it was "0 ok"
+
+
+def tell_parent(fd: Optional[int], message: str) -> bool:
+    """Send "CODE message" to the waiting parent, once: True if this call sent it, False when
+    not forked (fd None) or when the parent already had its answer."""
+    if fd is None or fd in _answered:
+        return False
+    _answered[fd] = message.startswith("0 ")
     try:
         os.write(fd, (message + "\n").encode())
         os.close(fd)
     except OSError:
         pass
+    return True
 
 
 def daemonize(serve: Callable[[Optional[int]], int]) -> int:
@@ -60,8 +66,11 @@ def daemonize(serve: Callable[[Optional[int]], int]) -> int:
     try:
         code = int(serve(write_fd))
     except KsmtunedError as e:
-        log.error("%s", e)
         code = int(e.exit_code)
+        # before the parent had its answer, the error is its answer: the parent prints it (once);
+        # after ("0 ok"), the parent is gone and only the log can tell it
+        if not tell_parent(write_fd, f"{code} {e}") and _answered.get(write_fd):
+            log.error("%s", e)
     except BaseException:
         log.exception("daemon crashed")
     finally:

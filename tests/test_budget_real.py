@@ -1,0 +1,121 @@
+"""KSM_POLICY=budget against the real kernel: it merges real memory as fast as it bursts, then
+brings ksmd's CPU down (schedstat over a window) far below what the classic law costs.
+
+Each test holds the machine's KSM lock (tests/ksmguard.py, via the ``real_ksm`` fixture) only
+while it runs, and stays under about a minute.  The bounds are loose on purpose: other
+helpers' processes share the CPUs, and other mergeable memory on the host is scanned too.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from ksmtuned.kernel.ksmd import Ksmd
+from tests.daemon_support import DaemonProc
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET = ("KSM_THRES_COEF=100\nKSM_POLICY=budget\nKSM_MONITOR_INTERVAL=60\nKSM_BUDGET_WATCH=0.5\n")
+#: steady ksmd CPU allowed over the window, % of one core: the issue's goal (the budget is 0.25 %; the
+#: rest is room for a shared machine and other mergeable memory on it; measured: 0.004-0.02 %)
+STEADY_BOUND_PCT = 0.3
+
+
+def read(root: Path, name: str) -> int:
+    return int((root / name).read_text())
+
+
+def start_mergeable(stack: ExitStack, mib: int) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(mib)], stdout=subprocess.PIPE, text=True,
+                         cwd=REPO)
+    stack.callback(lambda: (p.kill(), p.wait()))
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def wait_mode(state: Path, mode: str, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    b = {}
+    while time.monotonic() < deadline:
+        try:
+            b = json.loads(state.read_text()).get("budget") or {}
+        except (OSError, ValueError):
+            b = {}
+        if b.get("mode") == mode:
+            return b
+        time.sleep(0.1)
+    raise AssertionError(f"budget never reached {mode} within {timeout_s} s: {b}")
+
+
+def ksmd_pct(window_s: float) -> float:
+    k = Ksmd()
+    a = k.cpu_ns()
+    t0 = time.monotonic()
+    time.sleep(window_s)
+    b = k.cpu_ns()
+    return (b - a) / ((time.monotonic() - t0) * 1e9) * 100
+
+
+def merge_then_steady(real_ksm: Path, tmp_path: Path, match: str, start_work, expected_pages: int):
+    state = tmp_path / "state.json"
+    with ExitStack() as stack:
+        d = DaemonProc(tmp_path, BUDGET + f"KSM_GUEST_MATCH='{match}'\n", sysfs=real_ksm,
+                       extra=["--state-file", str(state)])
+        stack.callback(d.stop)
+        d.start()
+        wait_mode(state, "steady", 10)
+        t0 = time.monotonic()
+        start_work(stack)
+        burst = wait_mode(state, "burst", 10)
+        deadline = time.monotonic() + 30
+        while read(real_ksm, "pages_sharing") < 0.9 * expected_pages and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t90 = time.monotonic() - t0
+        sharing = read(real_ksm, "pages_sharing")
+        assert sharing >= 0.9 * expected_pages, f"pages_sharing {sharing} of {expected_pages}"
+        done = wait_mode(state, "steady", 30)
+        steady = ksmd_pct(15.0)
+        assert read(real_ksm, "pages_sharing") >= 0.9 * expected_pages  # kept merged
+        assert read(real_ksm, "sleep_millisecs") == 1000
+        print(f"t90 {t90:.2f} s (burst: {burst['reason']}); {done['reason']}; steady ksmd {steady:.3f} %")
+        return t90, steady
+
+
+@pytest.mark.root
+@pytest.mark.ksm
+def test_budget_merges_real_memory_then_ksmd_goes_quiet(real_ksm, tmp_path):
+    mib = 64
+    pages = mib * 256
+
+    def work(stack):
+        start_mergeable(stack, mib)
+        start_mergeable(stack, mib)
+
+    t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:tests\.mergeable", work, 2 * pages)
+    assert steady <= STEADY_BOUND_PCT
+
+
+@pytest.mark.root
+@pytest.mark.ksm
+@pytest.mark.qemu
+def test_budget_merges_real_guests_then_ksmd_goes_quiet(real_ksm, tmp_path):
+    from tests import qemu_support as qs
+
+    qs.require_qemu()
+    mib = 256
+
+    def work(stack):
+        guests = [qs.start_guest("debian", f"bg{i}", mib, tmp_path) for i in range(3)]
+        for g in guests:
+            stack.callback(qs.kill_guest, g)
+        qs.wait_resident(guests, tmp_path)
+
+    # zero-filled preallocated RAM: all but a few pages of 3 x 256 MiB merge
+    t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:-name bg[0-9]", work, 3 * mib * 256)
+    assert steady <= STEADY_BOUND_PCT
