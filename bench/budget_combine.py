@@ -19,8 +19,12 @@ from pathlib import Path
 MAX_SAMPLES = 150
 
 
+KEEP = ("t", "merged", "guest_merged", "pages_sharing", "ksmd_cpu_s", "cow_ksm", "pages_to_scan", "sleep_millisecs",
+        "steady_start")
+
+
 def _thin(run: dict, staggered: bool) -> None:
-    s = run.get("samples") or []
+    s = run["samples"] = [{k: x[k] for k in KEEP if k in x} for x in run.get("samples") or []]
     most = 3 * MAX_SAMPLES if staggered else MAX_SAMPLES
     if len(s) <= most:
         return
