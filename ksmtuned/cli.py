@@ -146,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         dry_run=args.dry_run, force=args.force)
     except KsmtunedError as e:
         # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
-        print("ksmtuned: " + "\n".join(printable(line, backslash=False) for line in str(e).split("\n")),
+        print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")),
               file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
@@ -190,5 +190,5 @@ def ksmctl_main(argv: Optional[List[str]] = None) -> int:
         return ksmctl.main(args.action, sysfs=args.sysfs, procfs=args.procfs, defaults=defaults,
                            unmerge_pages=args.unmerge)
     except KsmtunedError as e:
-        print(f"ksmctl: {printable(e, backslash=False)}", file=sys.stderr)
+        print(f"ksmctl: {printable(e)}", file=sys.stderr)
         return e.exit_code

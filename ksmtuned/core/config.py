@@ -306,7 +306,7 @@ class Settings(BaseModel):
         "KSM_BUDGET_MIN_PASS", 200.0, gt=0, le=86400, unit="seconds", range_text="> 0, <= 86400",
         meaning="budget: merged memory is re-scanned at most once per this")
     budget_watch_s: BashNumber = setting(
-        "KSM_BUDGET_WATCH", 1.0, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
+        "KSM_BUDGET_WATCH", 0.5, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
         meaning="budget: how often new guests and grown ones are looked for")
     budget_advisor: AdvisorChoice = setting(
         "KSM_BUDGET_ADVISOR", "take", unit="take | leave",

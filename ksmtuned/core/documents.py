@@ -110,6 +110,8 @@ class StateBudget(Part):
     """KSM_POLICY=budget's last decision (docs/budget.md); the key is null under classic."""
 
     mode: Literal["burst", "steady", "off"]
+    trigger: str = Field("", description="bursting: the first trigger's kind (new-guest, growth, retune, "
+                                         "unvisited); empty otherwise")
     reason: str = Field(description="the trigger of a burst, or how the last one ended")
     explain: str = Field(description="the decision in words (as in the log)")
     pages_to_scan: Optional[int] = Field(description="what the budget wants (null: KSM off)")

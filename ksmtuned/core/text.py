@@ -15,7 +15,7 @@ from collections.abc import Iterable
 #: Unicode's explicit bidirectional formatting characters (UAX #9): they reorder what follows
 #: them on the line ("Trojan Source", CVE-2021-42574), so a name could show another's text.
 BIDI_CONTROLS = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(cp: int) -> str:
@@ -26,33 +26,26 @@ def _escape(cp: int) -> str:
 
 
 #: C0 controls, DEL, C1 controls (0x80-0x9f: 0x9b is a one-byte CSI on some terminals), the
-#: line and paragraph separators, the bidi controls, and the backslash (so that an escape in
-#: the output cannot be confused with the same characters typed into a name).
-_TABLE = {cp: _escape(cp) for cp in [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, ord("\\"),
-                                     *map(ord, BIDI_CONTROLS)]}
+#: line and paragraph separators and the bidi controls.  Not the backslash: escaping is then
+#: idempotent (a message escaped where it was made, e.g. a state-file error, is not escaped
+#: twice by the CLI); a backslash typed into a name shows as typed and moves no cursor.
+_TABLE = {cp: _escape(cp) for cp in [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, *map(ord, BIDI_CONTROLS)]}
 
 
-_TABLE_KEEP_BACKSLASH = {cp: e for cp, e in _TABLE.items() if cp != ord("\\")}
-
-
-def printable(text: object, backslash: bool = True) -> str:
+def printable(text: object) -> str:
     """``text`` with every control character shown as an escape: ``\\x1b``, ``\\r``, ``\\n``,
-    ``\\x9b``, ``\\u202e``; a backslash as ``\\\\``.  Anything else printable is kept.
-
-    ``backslash=False`` keeps backslashes as they are: for our own error messages, whose quoted
-    values are already escaped (:func:`quoted`), so that ``'\\x1b'`` is not shown as ``'\\\\x1b'``.
-    """
+    ``\\x9b``, ``\\u202e``.  Anything else is kept; printable(printable(x)) == printable(x)."""
     s = text if isinstance(text, str) else str(text)
-    if s.isprintable() and (not backslash or "\\" not in s):  # the common case: nothing to do
+    if s.isprintable():  # the common case: nothing to do
         return s
     # other format characters (Cf: zero-width joiners, ...) are kept: they neither move the
     # cursor nor reorder the line
-    return s.translate(_TABLE if backslash else _TABLE_KEEP_BACKSLASH)
+    return s.translate(_TABLE)
 
 
 def has_control(text: str) -> bool:
     """Whether ``text`` holds a character :func:`printable` escapes (for tests and checks)."""
-    return any(ord(c) in _TABLE and c != "\\" for c in text)
+    return any(ord(c) in _TABLE for c in text)
 
 
 #: Longest value quoted in an error message; a longer one is cut, with its length said.
