@@ -23,7 +23,7 @@ from ksmtuned.service.config_file import load_config
 from ksmtuned.errors import ConfigError
 from ksmtuned.engine.guests import YOUNG_S, Guest, GuestFinder, committed_kib, guest_name, make_matcher
 from tests.fakes.guests import HOLD, FakeGuests
-from tests.fakes.proc import BOOT_S, CLK_TCK, FakeProc, meminfo_text, using_procfs
+from tests.fakes.proc import FakeProc, meminfo_text, using_procfs
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
