@@ -476,7 +476,6 @@ class Budget(Tuner):
         self.decisions: List[tuple] = []  # (t, decision)
         self.writes: List[tuple] = []  # (t, name, value)
         self.retune_next = False
-        k = host.ksmd
         pages, sleep_ms = budget.steady_start(settings)
         self._write("pages_to_scan", pages, 0.0)
         self._write("sleep_millisecs", sleep_ms, 0.0)

@@ -95,11 +95,46 @@ def test_advisor_left_alone_when_configured(tmp_path):
     assert err.count("owns the scan rate (KSM_BUDGET_ADVISOR=leave)") == 1, err
 
 
-def test_state_file_and_status_show_the_mode(tmp_path):
+def test_state_file_status_and_metrics_show_the_mode(tmp_path):
     import json
+
+    from tests.daemon_support import ksmtuned
+
     state = tmp_path / "state.json"
-    with DaemonProc(tmp_path, PRESSURE, extra=["--state-file", str(state)]) as d:
+    prom = tmp_path / "ksmtuned.prom"
+    with DaemonProc(tmp_path, PRESSURE + f"KSM_METRICS_TEXTFILE={prom}\n", extra=["--state-file", str(state)]) as d:
         d.signal(signal.SIGUSR1)
         assert wait_for(lambda: state.exists() and (json.loads(state.read_text()).get("budget") or {}).get("mode") == "burst")
         b = json.loads(state.read_text())["budget"]
-        assert b["reason"] == "retune" and b["target_cpu_pct"] == 80.0 and b["eta_s"] is not None
+        assert b["reason"] == "retune" and b["trigger"] == "retune"
+        assert b["target_cpu_pct"] == 80.0 and b["eta_s"] is not None
+        assert wait_for(lambda: 'ksmtuned_budget_mode{mode="burst",trigger="retune"} 1.0' in prom.read_text())
+        assert "ksmtuned_budget_target_cpu_ratio 0.8" in prom.read_text()
+        r = ksmtuned("status", "--sysfs", str(d.sysfs), "--pidfile", str(d.pidfile), "--state-file", str(state))
+        assert r.returncode == 0, r.stderr
+        assert "budget burst (retune)" in r.stdout
+
+
+def test_reload_to_classic_leaves_steady_values_then_classic_takes_over(tmp_path):
+    with DaemonProc(tmp_path, PRESSURE) as d:
+        d.signal(signal.SIGUSR1)
+        assert wait_for(lambda: d.knob("sleep_millisecs") == str(BudgetSettings().burst_sleep_ms))
+        d.conf.write_text(d.conf.read_text().replace("KSM_POLICY=budget", "KSM_POLICY=classic"))
+        d.signal(signal.SIGHUP)
+        # the classic ramp again: npages 300 at start, +300 on the retune and on the reload
+        assert wait_for(lambda: d.knob("sleep_millisecs") == "10", timeout_s=10), d.stderr.read_text()
+        assert d.knob("pages_to_scan") == "900"
+        assert "budget: sleep_millisecs 20 -> 1000" in d.stderr.read_text()  # steady values left first
+
+
+def test_once_leaves_steady_values(tmp_path):
+    from tests.daemon_support import ksmtuned
+
+    sysfs = fake_ksm_dir(tmp_path)
+    conf = tmp_path / "ksmtuned.conf"
+    conf.write_text(PRESSURE + "KSM_BUDGET_ADVISOR=take\n")
+    r = ksmtuned("--config", str(conf), "--sysfs", str(sysfs), "--pidfile", str(tmp_path / "p"), "--once",
+                 "--state-file", str(tmp_path / "state.json"))
+    assert r.returncode == 0, r.stderr
+    assert (sysfs / "run").read_text().strip() == "1"
+    assert int((sysfs / "sleep_millisecs").read_text()) == STEADY_SLEEP

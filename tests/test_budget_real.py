@@ -22,9 +22,9 @@ from tests.daemon_support import DaemonProc
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = ("KSM_THRES_COEF=100\nKSM_POLICY=budget\nKSM_MONITOR_INTERVAL=60\nKSM_BUDGET_WATCH=0.5\n")
-#: steady ksmd CPU allowed over the window, % of one core (the budget is 0.25 %: the rest is
-#: noise from a shared machine and the other mergeable memory on it)
-STEADY_BOUND_PCT = 0.6
+#: steady ksmd CPU allowed over the window, % of one core: the issue's goal (the budget is 0.25 %; the
+#: rest is room for a shared machine and other mergeable memory on it; measured: 0.004-0.02 %)
+STEADY_BOUND_PCT = 0.3
 
 
 def read(root: Path, name: str) -> int:

@@ -72,7 +72,7 @@ def test_each_command_s_json_reads_back_through_its_model(tmp_path):
     assert r.returncode == 0, r.stderr
     assert GuestsDocument.model_validate_json(r.stdout).metric == "rss"
     r = _cli("check", "--json", *common, timeout=60)
-    assert r.returncode in (0, 1), r.stderr
+    assert r.returncode in (0, 5), r.stderr  # 5: a host check failed (1 would be a crash)
     assert {c.name for c in CheckDocument.model_validate_json(r.stdout).checks} >= {"memory_overcommit", "ksm"}
     r = _cli("status", "--json", *common, "--state-file", str(tmp_path / "none.json"))
     assert r.returncode == 0, r.stderr
@@ -193,6 +193,9 @@ def test_a_state_file_planted_by_nobody_in_a_sticky_directory(tmp_path, plant):
     """`--state-file /tmp/x.json` (any world-writable directory): nobody plants the file before
     the daemon writes it; root's `status` refuses it in one line, and the daemon's start logs it,
     ignores it and replaces it."""
+    from tests.conftest import skip_unless_nobody_can_run_python
+
+    skip_unless_nobody_can_run_python()
     sticky = Path(tempfile.mkdtemp(prefix="ksmtuned-sticky-", dir="/tmp"))
     try:
         sticky.chmod(0o1777)

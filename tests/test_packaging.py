@@ -10,6 +10,7 @@ tool is missing (.ci/run installs them). The Debian 13 install tier is tests/tes
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,16 @@ def test_gen_man_notices_a_stale_table(tmp_path):
     page = (REPO / "man" / "man5" / "ksmtuned.conf.5").read_text()
     stale = page.replace(".B KSM_NPAGES_MAX\n", ".B KSM_NPAGES_MAXIMUM\n")
     assert gen.render(stale) == page != stale
+
+
+def test_ksmtuned_8_lists_every_exit_code():
+    """EXIT STATUS names each ExitCode (the API the unit's RestartPreventExitStatus= relies on)."""
+    from ksmtuned.errors import ExitCode
+
+    page = (REPO / "man" / "man8" / "ksmtuned.8").read_text()
+    section = page.split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
+    listed = {int(line[3:]) for line in section.splitlines() if line.startswith(".B ") and line[3:].isdigit()}
+    assert listed == {int(code) for code in ExitCode}, "man/man8/ksmtuned.8 EXIT STATUS differs from ExitCode"
 
 
 def test_every_unit_documentation_is_installed():
@@ -224,6 +235,27 @@ def test_sdist_holds_the_data_files(sdist):
         assert f"etc/init.d/{script.name}" in names
 
 
+def test_wheel_carries_the_license_without_pep_639(tmp_path):
+    """pyproject.toml has no `license = "MIT"` (setuptools >= 77 only, and Debian 12 has 66), yet
+    the wheel carries LICENSE and names it (License-File), with this venv's newer setuptools."""
+    try:
+        import build  # noqa: F401
+    except ImportError:
+        pytest.skip("python -m build is not installed (pip install build)")
+    import zipfile
+
+    src = checkout_copy(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with zipfile.ZipFile(next(tmp_path.glob("ksmtuned-*.whl"))) as whl:
+        names = whl.namelist()
+        metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names), names
+    assert "License-File: LICENSE" in metadata
+    assert "ksmtuned/core/config.py" in names
+
+
 # --- the RPM ---------------------------------------------------------------------------------
 
 RPM_FILES = ["/usr/sbin/ksmtuned", "/usr/sbin/ksmctl", "/usr/lib/systemd/system/ksm.service",
@@ -260,7 +292,8 @@ def _rpm_query(rpm: Path, *flags: str) -> list[str]:
 
 
 def test_rpm_is_noarch_with_the_files(rpm):
-    assert _rpm_query(rpm, "--qf", "%{NAME} %{VERSION} %{ARCH} %{LICENSE}\n") == ["ksmtuned 0.1.0 noarch MIT"]
+    # epoch 1: above Fedora's own ksmtuned package (0.1.0-N), as 1:0.1.0 is above Debian's
+    assert _rpm_query(rpm, "--qf", "%{NAME} %{EPOCH}:%{VERSION} %{ARCH} %{LICENSE}\n") == ["ksmtuned 1:0.1.0 noarch MIT"]
     files = _rpm_query(rpm, "-l")
     assert [f for f in RPM_FILES if f not in files] == []
     assert any(f.endswith("/site-packages/ksmtuned/cli.py") for f in files)
@@ -328,3 +361,33 @@ def test_deb_builds_with_debian_12s_own_tools(tmp_path):
         r = subprocess.run([lintian, str(tmp_path / "ksmtuned_0.1.0_amd64.changes")], capture_output=True, text=True,
                            env={"PATH": DEBIAN_PATH, "LC_ALL": "C.UTF-8"})
         assert not [line for line in r.stdout.splitlines() if line.startswith("E:")], r.stdout
+
+
+# --- the README --------------------------------------------------------------------------------
+
+README = REPO / "README.md"
+
+
+def test_readme_is_short_and_keeps_ci_s_test_command():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300, "the README is for users: move the rest to docs/"
+    assert "\n.venv/bin/python -m pytest -q\n" in text  # .ci/run runs exactly this
+
+
+def test_readme_lists_every_exit_code():
+    from ksmtuned.errors import ExitCode
+
+    text = README.read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    listed = {int(m) for m in re.findall(r"^\| (\d+) \|", text, re.M)}
+    assert listed == {int(code) for code in ExitCode}
+
+
+def test_readme_links_resolve():
+    text = README.read_text()
+    for target in re.findall(r"\]\(([^)#]+)\)", text):
+        if not target.startswith(("http:", "https:")):
+            assert (REPO / target).exists(), target
+    for path in sorted((REPO / "docs").glob("*.md")):
+        for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
+            if not target.startswith(("http:", "https:")):
+                assert (path.parent / target).exists(), f"{path.name}: {target}"

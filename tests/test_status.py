@@ -226,7 +226,10 @@ def test_counter_reader_drops_and_refinds_files(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run status as nobody")
 def test_status_on_a_ksm_directory_it_may_not_look_into_is_one_line_and_77(tmp_path):
     """Path.exists() raises on EACCES: it was a traceback."""
+    from tests.conftest import skip_unless_nobody_can_run_python
     from tests.report_support import fake_ksm_dir
+
+    skip_unless_nobody_can_run_python()
 
     hidden = tmp_path / "hidden"
     hidden.mkdir(mode=0o700)  # tmp_path itself is 0700 too: nobody cannot look into either

@@ -9,9 +9,9 @@
 #       Run COMMAND as root inside the base with an overlay on top: every change goes to
 #       STATE_DIR/upper, so later `run`s with the same STATE_DIR see the earlier ones, and
 #       `rm -rf STATE_DIR` forgets them. Each run is in private mount and PID namespaces (nothing
-#       stays mounted, no process outlives it) with its own /proc, the host's /sys read-only, a
-#       minimal /dev, a tmpfs /tmp and /run, and the host's network (for apt-get when the cache
-#       lacks a package).
+#       stays mounted, no process outlives it) with its own /proc, no /sys (a host without KSM,
+#       and no way to touch the host's), a minimal /dev, a tmpfs /tmp and /run, and the host's
+#       network (for apt-get when the cache lacks a package).
 #       Options --bind HOST:CHROOT (repeatable) bind-mount a host directory into it.
 #   tools/debian-chroot.sh key [OPTIONS]
 #       Print the cache key (what `path` would use), without building anything.
@@ -91,9 +91,8 @@ in_root() {
 	unshare --mount --propagation private --pid --fork -- bash -euc '
 		root=$1; shift
 		mount -t proc proc "$root/proc"
-		# the host'"'"'s /sys, read-only: what a real system shows (tests read /sys/kernel/mm/ksm),
-		# and nothing a package script could change
-		mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
+		# No /sys: the chroot is a host without KSM, consistently (its PID namespace hides the
+		# host'"'"'s ksmd, and nothing in it may write the host'"'"'s KSM knobs)
 		mount -t tmpfs -o mode=755,size=64m dev "$root/dev"
 		for d in null zero full random urandom tty; do
 			touch "$root/dev/$d"

@@ -72,6 +72,8 @@ class _Runner:
         else:
             changes = ", ".join(f"{w.name} {w.old} -> {w.new}" for w in report.writes)
             print(f"{report.decision.explain()} ({changes or 'no write needed'})")
+        if report.budget is not None:  # KSM_POLICY=budget (it left steady values behind)
+            print(report.budget.explain())
         return ExitCode.OK
 
     def serve(self, ready_fd: Optional[int]) -> int:

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional, Tuple
 
 #: Full passes after a trigger before a burst may end.  A new process is inserted just
 #: behind ksmd's cursor: the pass under way skips it, the next visits it once (a checksum),
@@ -56,6 +56,20 @@ CHURN_FLOOR = 0.2
 MIN_GAIN_PAGES = 256
 
 
+#: The kinds of trigger, as the metrics label them (the reason text has the details).
+TRIGGER_KINDS = ("new-guest", "growth", "retune", "unvisited")
+
+
+def _kind(trigger: str) -> str:
+    if trigger.startswith("new guest"):
+        return "new-guest"
+    if trigger.startswith("guest "):
+        return "growth"
+    if trigger == "retune":
+        return "retune"
+    return "unvisited"
+
+
 class Mode(enum.Enum):
     OFF = "off"  # the classic law stopped KSM: nothing to tune
     BURST = "burst"
@@ -78,7 +92,7 @@ class BudgetSettings:
     max_holdoff_s: float = 3600.0
     burst_tick_s: float = 1.0  # the daemon looks again this often while bursting
     steady_tick_s: float = 10.0  # ...and this often in steady mode (the closed loop on ksmd's CPU)
-    watch_s: float = 1.0  # between steady ticks, a cheap look for new processes and growth
+    watch_s: float = 0.5  # between steady ticks, a cheap look for new guests and growth
     hz: int = 250  # the kernel's CONFIG_HZ: ksmd's sleep is rounded up to whole jiffies
     page_kib: int = 4
 
@@ -136,6 +150,7 @@ class BudgetState:
 
     mode: Mode = Mode.STEADY
     trigger: Optional[str] = None  # why the burst under way started
+    trigger_kind: str = ""  # its first trigger's kind (TRIGGER_KINDS), for the metrics
     trigger_full_scans: int = 0
     trigger_time_s: float = 0.0
     last: Optional[KsmSample] = None
@@ -167,6 +182,7 @@ class BudgetState:
 class BudgetDecision:
     mode: Mode
     reason: str  # the trigger, or why it is steady
+    trigger: str  # bursting: the first trigger's kind (TRIGGER_KINDS); "" otherwise
     pages_to_scan: Optional[int]  # None: leave as it is (KSM off)
     sleep_ms: Optional[int]
     next_tick_s: Optional[float]  # when the law wants to look again; None: the interval
@@ -218,9 +234,10 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[BudgetDecision, BudgetState]:
     """One tick of the budget law.  See the module docstring; docs/budget.md has the why."""
     last = state.last
-    new: dict = {"last": sample}
+    new: Dict[str, Any] = {"last": sample}
     # --- what happened since the last tick --------------------------------------------------
-    dt = dcpu_ns = None
+    dt: Optional[float] = None
+    dcpu_ns: Optional[int] = None
     if last is not None and sample.time_s > last.time_s:
         dt = sample.time_s - last.time_s
         if sample.ksmd_cpu_ns is not None and last.ksmd_cpu_ns is not None:
@@ -234,7 +251,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     # all-skipped passes and the wake-ups are averaged in, in their proportion
     acc = {Mode.BURST: state.burst_acc, Mode.STEADY: state.steady_acc}
     measured_in = state.mode if state.mode is not Mode.OFF else None
-    if (measured_in is not None and dcpu_ns is not None and last is not None and not reset
+    if (measured_in is not None and dt is not None and dcpu_ns is not None and last is not None and not reset
             and sample.pages_scanned is not None and last.pages_scanned is not None):
         dpages = max(0, sample.pages_scanned - last.pages_scanned)
         keep = math.exp(-dt / (BURST_COST_WINDOW_S if measured_in is Mode.BURST else STEADY_COST_WINDOW_S))
@@ -247,7 +264,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     new.update(burst_acc=acc[Mode.BURST], steady_acc=acc[Mode.STEADY])
     # steady ksmd CPU over the last minute or so: what the cost estimate missed is corrected
     steady_avg = state.steady_cpu_avg_pct
-    if measured_in is Mode.STEADY and cpu_pct is not None:
+    if measured_in is Mode.STEADY and cpu_pct is not None and dt is not None:
         w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
         steady_avg = cpu_pct if steady_avg is None else (1 - w) * steady_avg + w * cpu_pct
     new["steady_cpu_avg_pct"] = steady_avg
@@ -333,6 +350,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     trig_scans, trig_time, bursts = state.trigger_full_scans, state.trigger_time_s, state.bursts
     trig_saved, fruitless, holdoff_until = state.trigger_saved, state.fruitless, state.holdoff_until_s
     steady_reason = state.steady_reason
+    kind = state.trigger_kind
     if reset and mode is Mode.BURST:
         trig_scans = sample.full_scans
     if not sample.running:
@@ -344,6 +362,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
                 bursts += 1
                 trig_saved = sample.saved_pages
             mode, reason = Mode.BURST, "; ".join(triggers)
+            kind = _kind(triggers[0])
             trig_scans, trig_time = sample.full_scans, sample.time_s
         elif mode is Mode.OFF:
             mode = Mode.STEADY
@@ -363,7 +382,10 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if mode is Mode.STEADY:
             reason = steady_reason if ignored is None else f"{steady_reason}; {ignored}"
     new["unvisited_floor"] = floor
-    new.update(mode=mode, trigger=reason if mode is Mode.BURST else None, trigger_full_scans=trig_scans,
+    if mode is not Mode.BURST:
+        kind = ""
+    new.update(mode=mode, trigger=reason if mode is Mode.BURST else None, trigger_kind=kind,
+               trigger_full_scans=trig_scans,
                trigger_time_s=trig_time, bursts=bursts, trigger_saved=trig_saved, fruitless=fruitless,
                holdoff_until_s=holdoff_until, steady_reason=steady_reason)
 
@@ -409,7 +431,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
     decision = BudgetDecision(
-        mode=mode, reason=reason or "", pages_to_scan=pages, sleep_ms=sleep_ms, next_tick_s=next_tick,
+        mode=mode, reason=reason or "", trigger=kind, pages_to_scan=pages, sleep_ms=sleep_ms, next_tick_s=next_tick,
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
         to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,

@@ -306,7 +306,7 @@ class Settings(BaseModel):
         "KSM_BUDGET_MIN_PASS", 200.0, gt=0, le=86400, unit="seconds", range_text="> 0, <= 86400",
         meaning="budget: merged memory is re-scanned at most once per this")
     budget_watch_s: BashNumber = setting(
-        "KSM_BUDGET_WATCH", 1.0, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
+        "KSM_BUDGET_WATCH", 0.5, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
         meaning="budget: how often new guests and grown ones are looked for")
     budget_advisor: AdvisorChoice = setting(
         "KSM_BUDGET_ADVISOR", "take", unit="take | leave",
@@ -424,13 +424,13 @@ def build_settings(
         settings = Settings.from_aliases(values)
     except SettingsError as e:
         problems = []
-        for key, message in e.problems:
-            alias = key or "KSM_NPAGES_MAX"
-            if key is None:  # the cross-field check: MAX >= MIN
+        for problem_key, message in e.problems:
+            name = problem_key or "KSM_NPAGES_MAX"
+            if problem_key is None:  # the cross-field check: MAX >= MIN
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
-            where = sources.get(alias, filename)
+            where = sources.get(name, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
-            problems.append(f"{where}: {alias}: {message}, got {quoted(values.get(alias, Settings.default(alias)))}")
+            problems.append(f"{where}: {name}: {message}, got {quoted(values.get(name, Settings.default(name)))}")
         raise ConfigError("\n".join(first_of(problems))) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 

@@ -110,6 +110,8 @@ class StateBudget(Part):
     """KSM_POLICY=budget's last decision (docs/budget.md); the key is null under classic."""
 
     mode: Literal["burst", "steady", "off"]
+    trigger: str = Field("", description="bursting: the first trigger's kind (new-guest, growth, retune, "
+                                         "unvisited); empty otherwise")
     reason: str = Field(description="the trigger of a burst, or how the last one ended")
     explain: str = Field(description="the decision in words (as in the log)")
     pages_to_scan: Optional[int] = Field(description="what the budget wants (null: KSM off)")
@@ -297,7 +299,8 @@ class GuestEntry(Part):
     name_known: bool = Field(description="the name came from the guest's configuration, not the process name")
     matcher: str
     matchers: List[str] = Field(description="every configured matcher that claims it")
-    comm: str = Field(description="the process name (psutil: the kernel's 15-character comm, or argv[0]'s base name when comm is its prefix)")
+    comm: str = Field(description="the process name (psutil: the kernel's 15-character comm, "
+                                  "or argv[0]'s base name when comm is its prefix)")
     cmdline: List[str] = Field(description="its command line, the first 8 KiB at most (issue 11: bounded)")
     start_time_s: float = Field(description="when it started (Unix time)")
     pidfile: Optional[str]

@@ -117,8 +117,9 @@ def rows(d: TickData, version: str) -> list[Family]:
     add(("ksmtuned_guests", "gauge", "Processes counted as guests at the last adjust", (), [((), len(d.guests))]))
     b = d.budget
     if b:  # KSM_POLICY=budget (docs/budget.md)
-        add(("ksmtuned_budget_mode", "gauge", "The budget policy's mode (value 1): burst, steady or off", ("mode",),
-             [((b["mode"],), 1)]))
+        add(("ksmtuned_budget_mode", "gauge",
+             "The budget policy's mode (value 1): burst, steady or off, and a burst's trigger kind",
+             ("mode", "trigger"), [((b["mode"], b.get("trigger") or ""), 1)]))
         for metric, key, help_text, scale in (
             ("ksmtuned_budget_ksmd_cpu_ratio", "ksmd_cpu_pct", "ksmd's CPU over the last budget tick, share of one core", 0.01),
             ("ksmtuned_budget_target_cpu_ratio", "target_cpu_pct", "The ksmd CPU the budget aims at, share of one core", 0.01),

@@ -41,7 +41,8 @@ def budget_dict(decision) -> Optional[Dict[str, Any]]:
     if decision is None:
         return None
     return {
-        "mode": decision.mode.value, "reason": decision.reason, "explain": decision.explain(),
+        "mode": decision.mode.value, "trigger": decision.trigger, "reason": decision.reason,
+        "explain": decision.explain(),
         "pages_to_scan": decision.pages_to_scan, "sleep_ms": decision.sleep_ms,
         "ksmd_cpu_pct": _round(decision.cpu_pct, 4), "target_cpu_pct": round(decision.target_pct, 4),
         "unmerged_kib": decision.to_merge_kib, "eta_s": _round(decision.eta_s, 1),

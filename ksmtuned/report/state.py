@@ -3,7 +3,8 @@
 The file (default ``/run/ksmtuned/state.json``) is replaced after every adjust by writing a
 temporary file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0644), fsync, then
 rename over the old one: a reader sees the old file or the new one, never a mix, and a crash
-(even ``kill -9``) at any moment leaves a complete file behind.  It is read back through its pydantic model (ksmtuned.core.documents.StateDocument).
+(even ``kill -9``) at any moment leaves a complete file behind.  It is read back through its
+pydantic model (ksmtuned.core.documents.StateDocument).
 """
 
 from __future__ import annotations
@@ -113,10 +114,10 @@ def read_bounded(path: Path | str, limit_bytes: int) -> bytes | None:
         raise StateFileError(f"{path}: cannot read the state file: {what}") from None
 
 
-def _printable(text: str, limit: int = 80) -> str:
-    """A hostile file's key or text, safe for one line of a terminal (control characters escaped)."""
-    out = printable(text)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+def _bounded(text: str, limit: int) -> str:
+    """A hostile file's key or text, at most ``limit`` characters.  Not escaped here: the CLI
+    shows every error line through printable(), the daemon's log line below does the same."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _problem(path: Path | str, error: ValidationError) -> StateFileError:
@@ -124,7 +125,7 @@ def _problem(path: Path | str, error: ValidationError) -> StateFileError:
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return StateFileError(_printable(f"{path}: not a ksmtuned state file: {where + ': ' if where else ''}"
+    return StateFileError(_bounded(f"{path}: not a ksmtuned state file: {where + ': ' if where else ''}"
                                      f"{first['msg'].replace('Value error, ', '')}{more}", 300))
 
 
@@ -165,6 +166,6 @@ def read_history(path: Path | str) -> list[HistoryEntry]:
         except ValidationError as e:
             raise _problem(path, e) from None
     except StateFileError as e:
-        log.warning("%s; starting with an empty history", e)
+        log.warning("%s; starting with an empty history", printable(e))
         return []
     return state.history[-HISTORY_LEN:]
