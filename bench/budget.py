@@ -28,7 +28,6 @@ machine lock (tests/ksmguard.py); other helpers' tests can run in between.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -271,7 +270,6 @@ def run_one(scenario: str, tuner: str, p: dict, workdir: Path, ksmd: int, accel:
             if thp_saved is not None and thp_saved != want_thp:
                 _w(THP, want_thp)
             thp = scenario == "thp"
-            starts = [0.0] * p["guests"] if scenario != "staggered" else [i * p["stagger_s"] for i in range(p["guests"])]
             if scenario != "staggered":
                 guests = [Guest(workdir, i, p["guest_mib"], accel, images[i] if images else None, thp)
                           for i in range(p["guests"])]

@@ -163,7 +163,7 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon did not stop within {timeout_s} s of SIGTERM")
+            raise AssertionError(f"daemon did not stop within {timeout_s} s of SIGTERM") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

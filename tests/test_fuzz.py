@@ -26,9 +26,8 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings, strategies as st
 
 from ksmtuned.core import config
-from ksmtuned.kernel import meminfo
 from ksmtuned.cli import build_parser, main
-from ksmtuned.errors import ConfigError, ExitCode, MeminfoError
+from ksmtuned.errors import ConfigError, ExitCode
 from tests.faultrig import make_procfs, make_sysfs
 
 F = "/etc/ksmtuned.conf"

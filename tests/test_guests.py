@@ -23,7 +23,7 @@ from ksmtuned.service.config_file import load_config
 from ksmtuned.errors import ConfigError
 from ksmtuned.engine.guests import YOUNG_S, Guest, GuestFinder, committed_kib, guest_name, make_matcher
 from tests.fakes.guests import HOLD, FakeGuests
-from tests.fakes.proc import BOOT_S, CLK_TCK, FakeProc, meminfo_text, using_procfs
+from tests.fakes.proc import FakeProc, meminfo_text, using_procfs
 
 # -------------------------------------------------------------------------------------------
 # the matchers, as tables
@@ -277,7 +277,7 @@ def test_cli_guests_json(fakes, tmp_path):
     [g] = [g for g in doc["guests"] if g["pid"] == p.pid]
     assert g["name"] == "cli1" and g["matcher"] == "debian" and g["rss_kib"] >= 16 * 1024
     assert g["pss_kib"] > 0 and g["thp_kib"] is not None and g["ksm_merging_pages"] is not None
-    assert doc["committed_kib"] == sum(x["pss_kib"] for x in doc["guests"])
+    assert doc["committed_kib"] == sum(x["pss_kib"] for x in doc["guests"] if x["trusted"])  # untrusted: not counted
     r = subprocess.run([sys.executable, "-m", "ksmtuned", "guests", "--config", str(conf)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
@@ -559,3 +559,23 @@ def test_untrusted_guests_are_logged_rarely(fakeproc, tmp_path, caplog):
             assert finder.scan(untrusted=False) == []
     [record] = caplog.records
     assert "2 guest-looking process(es)" in record.getMessage() and "user nobody" in record.getMessage()
+
+
+def test_check_finds_pid_file_guests_under_run_dir(fakes, tmp_path):
+    """`check --run-dir` reads libvirt's pid files there, as the daemon and `guests` do (issue 10:
+    check ignored the option and looked under /run)."""
+    run = tmp_path / "run"
+    (run / "libvirt/qemu").mkdir(parents=True)
+    # a TCG guest: no -enable-kvm, so only its pid file says it is a guest
+    tcg = fakes.start("qemu-system-x86_64", "/usr/bin/qemu-system-x86_64", ["-name", "guest=tcg9", "-accel", "tcg"])
+    (run / "libvirt/qemu/tcg9.pid").write_text(f"{tcg.pid}")
+    conf = tmp_path / "ksmtuned.conf"
+    conf.write_text("KSM_GUEST_MATCH=libvirt\n")
+    found = {}
+    for run_dir in (run, tmp_path / "elsewhere"):
+        r = subprocess.run([sys.executable, "-m", "ksmtuned", "check", "--json", "--config", str(conf),
+                            "--insecure-config", "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=60)
+        assert r.returncode in (0, 5), r.stderr  # 5: a host check failed (this VM has no swap)
+        found[run_dir] = {g["pid"]: g["name"] for g in json.loads(r.stdout)["host"]["guests"]}
+    assert found[run].get(tcg.pid) == "tcg9"
+    assert tcg.pid not in found[tmp_path / "elsewhere"]

@@ -78,6 +78,7 @@ def test_nobody_waiting_on_the_lock_cannot_keep_a_killed_daemon_from_restarting(
         assert d.pidfile.exists()
         again = Daemon(world_readable_tmp / "d2", pidfile=d.pidfile).start()  # ...and it no longer matters
         with again:
+            assert "another process holds a lock on the pid file" in again.stderr()  # said, not fatal
             assert again.pidfile.read_text() == f"{again.pid}\n"
             ticks = again.ticks()
             r = run(KSMTUNED + ["retune", "--pidfile", str(again.pidfile)])
@@ -297,7 +298,7 @@ def test_a_fifo_planted_as_pid_file_or_state_file_hangs_no_command(world_readabl
     assert (r.returncode, r.stderr) == (65, f"ksmtuned: {state}: cannot read the state file: a FIFO, not a regular "
                                             "file\n")  # EX_DATAERR: the state file is not one
     r = run(KSMTUNED + ["check", *common], timeout=30)
-    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+    assert r.returncode in (0, 5) and "Traceback" not in r.stderr  # 5: a host check failed (CHECK_FAILED)
     hook = REPO / "etc" / "libvirt" / "hooks" / "qemu.d" / "ksmtuned"
     r = subprocess.run([str(hook), "g0", "started", "begin", "-"], input="", capture_output=True, text=True,
                        timeout=20, env={"PATH": "/usr/bin:/bin", "PIDFILE": str(pidfile)})

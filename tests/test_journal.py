@@ -31,7 +31,7 @@ KSM_NOT_A_KEY=1
 """
 
 
-def _wait(pred, what: str, timeout_s: float = 20):
+def _wait(pred, what: str, timeout_s: float = 60):
     deadline = time.monotonic() + timeout_s
     while not pred():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -64,7 +64,7 @@ def run_daemon(tmp: Path, journal_of: Path | None, out: Path) -> str:
         proc.send_signal(signal.SIGUSR1)
         _wait(lambda: "adjust failed" in out.read_text(), "the failed adjust")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("prometheus_client", reason="the metrics extra (prometheus_client) is not installed")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from ksmtuned.report.metrics import KSM_METRICS, families, rows  # noqa: E402
+from ksmtuned.report.metrics import KSM_METRICS, families  # noqa: E402
 from ksmtuned.core.ticks import GuestData, TickData  # noqa: E402
 from tests.report_support import REPO, Daemon, FakeGuests, free_port, read_sysfs, running  # noqa: E402
 

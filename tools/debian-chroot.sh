@@ -100,6 +100,9 @@ in_root() {
 		done
 		mkdir -p "$root/dev/pts" "$root/dev/shm"
 		ln -s /proc/self/fd "$root/dev/fd"
+		# its own pseudo-terminals (tests open ptys), not the host'"'"'s
+		mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$root/dev/pts"
+		ln -s pts/ptmx "$root/dev/ptmx"
 		mount -t tmpfs -o mode=1777 tmp "$root/tmp"
 		mount -t tmpfs -o mode=755 run "$root/run"
 		[ -e /etc/resolv.conf ] && cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true

@@ -424,13 +424,13 @@ def build_settings(
         settings = Settings.from_aliases(values)
     except SettingsError as e:
         problems = []
-        for key, message in e.problems:
-            alias = key or "KSM_NPAGES_MAX"
-            if key is None:  # the cross-field check: MAX >= MIN
+        for problem_key, message in e.problems:
+            name = problem_key or "KSM_NPAGES_MAX"
+            if problem_key is None:  # the cross-field check: MAX >= MIN
                 message = f"expected a value >= KSM_NPAGES_MIN ({values.get('KSM_NPAGES_MIN', 64)})"
-            where = sources.get(alias, filename)
+            where = sources.get(name, filename)
             where = where.split(" ")[0] if where.startswith(filename) else f"{filename}: {where}"
-            problems.append(f"{where}: {alias}: {message}, got {quoted(values.get(alias, Settings.default(alias)))}")
+            problems.append(f"{where}: {name}: {message}, got {quoted(values.get(name, Settings.default(name)))}")
         raise ConfigError("\n".join(first_of(problems))) from None
     return LoadedConfig(settings=settings, sources=sources, warnings=tuple(warnings), path=filename)
 

@@ -299,7 +299,8 @@ class GuestEntry(Part):
     name_known: bool = Field(description="the name came from the guest's configuration, not the process name")
     matcher: str
     matchers: List[str] = Field(description="every configured matcher that claims it")
-    comm: str = Field(description="the process name (psutil: the kernel's 15-character comm, or argv[0]'s base name when comm is its prefix)")
+    comm: str = Field(description="the process name (psutil: the kernel's 15-character comm, "
+                                  "or argv[0]'s base name when comm is its prefix)")
     cmdline: List[str] = Field(description="its command line, the first 8 KiB at most (issue 11: bounded)")
     start_time_s: float = Field(description="when it started (Unix time)")
     pidfile: Optional[str]

@@ -74,7 +74,7 @@ class Guest:
 
 
 def _thp_warning(thp_kib: int | None, rss_kib: int) -> bool:
-    return bool(thp_kib) and thp_kib >= THP_WARN_SHARE * max(rss_kib, 1)
+    return thp_kib is not None and thp_kib > 0 and thp_kib >= THP_WARN_SHARE * max(rss_kib, 1)
 
 
 def committed_kib(guests: Iterable[Guest], metric: str = "rss") -> int:
@@ -148,8 +148,8 @@ class TickData:
     adjust_seconds_sum: float
     last_success_s: float | None
     page_size: int = PAGE_SIZE
-    writes: tuple[dict, ...] = field(default_factory=tuple)
-    budget: Optional[dict] = None  # KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates
+    writes: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    budget: Optional[dict[str, Any]] = None  # KSM_POLICY=budget: mode, trigger, ksmd CPU, estimates
 
     @property
     def saved_bytes(self) -> int | None:

@@ -11,7 +11,6 @@ import errno
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 

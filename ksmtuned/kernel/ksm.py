@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from ..core.ticks import Write
 from ..errors import KernelInterfaceError, KsmPermissionError, KsmUnavailableError

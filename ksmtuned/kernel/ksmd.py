@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable
 
 from .procfs import read_record
 

@@ -3,7 +3,8 @@
 The file (default ``/run/ksmtuned/state.json``) is replaced after every adjust by writing a
 temporary file in the same directory (``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0644), fsync, then
 rename over the old one: a reader sees the old file or the new one, never a mix, and a crash
-(even ``kill -9``) at any moment leaves a complete file behind.  It is read back through its pydantic model (ksmtuned.core.documents.StateDocument).
+(even ``kill -9``) at any moment leaves a complete file behind.  It is read back through its
+pydantic model (ksmtuned.core.documents.StateDocument).
 """
 
 from __future__ import annotations

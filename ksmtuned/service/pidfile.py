@@ -9,13 +9,16 @@ refused every restart ("already runs", exit 4).  The lock is a POSIX record lock
 wait on its lock.  The kernel answers who holds it (``F_GETLK`` names the pid), which is how
 ``retune``, ``status`` and ``check`` verify the pid file's pid, with no scan of /proc/locks.
 A caller that may not open the lock file (not root) checks the process instead: named
-ksmtuned, owned by the pid file's owner, started before the pid file was written.
+ksmtuned, owned by the pid file's owner, started before the pid file was written.  The daemon
+also takes an flock on the pid file, best effort, for scripts that test that (the sysv init
+script); it decides nothing.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -30,6 +33,8 @@ from ..files import (
     read_pid_file,
 )
 from ..kernel.identity import identity
+
+log = logging.getLogger(__name__)
 
 PROCESS_NAME = "ksmtuned"
 LOCK_SUFFIX = ".lock"
@@ -119,6 +124,14 @@ class PidFile:
             raise KsmtunedError(
                 f"{self.path}: refusing a pid file that is not a regular file owned by us with one link")
         os.fchmod(fd, 0o644)
+        # For scripts only (the sysv init script tests it with flock(1)): an flock on the pid file
+        # too, best effort.  Never what decides: another user may hold it (see above), and then
+        # this daemon still starts; only such scripts are misled.
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.warning("%s: another process holds a lock on the pid file; scripts that test it with "
+                        "flock(1) will be misled (the daemon's own lock is %s)", self.path, self.lock_path)
         return fd
 
     def write_pid(self, pid: int | None = None) -> None:
