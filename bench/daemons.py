@@ -40,9 +40,11 @@ class BrokenBenchmark(RuntimeError):
 
 
 def metrics_support() -> str | None:
-    """None when our daemon has the Prometheus metrics (ksmtuned/report.py), else why not."""
-    if not (common.REPO / "ksmtuned" / "report.py").exists():
-        return "ksmtuned/report.py (KSM_METRICS_LISTEN / KSM_METRICS_TEXTFILE) has not landed yet"
+    """None when prometheus_client (the metrics extra) can be imported, else why not."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        return f"prometheus_client is not installed (pip install 'ksmtuned[metrics]'): {e}"
     return None
 
 
