@@ -143,13 +143,17 @@ def choice(*words: str, also: Optional[Mapping[str, str]] = None) -> Callable[[o
     return convert
 
 
-def to_guest_match(value: object) -> Tuple[str, ...]:
+def _comma_list(value: object) -> Tuple[str, ...]:
+    """A KSM_* list: "a, b,c" from the file, or a tuple/list of strings from code; () otherwise."""
     if isinstance(value, str):
-        items = tuple(item.strip() for item in value.split(",") if item.strip())
-    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
-        items = tuple(value)
-    else:
-        items = ()
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    if isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    return ()
+
+
+def to_guest_match(value: object) -> Tuple[str, ...]:
+    items = _comma_list(value)
     if not items:
         raise ValueError("expected a comma list of redhat, debian, libvirt, proxmox or regex:PATTERN")
     for item in items:
@@ -169,13 +173,7 @@ def to_guest_trust(value: object) -> Tuple[str, ...]:
     """KSM_GUEST_TRUST: whose guest-looking processes count (core/matchers.py, docs/security.md)."""
     from .matchers import parse_trust
 
-    if isinstance(value, str):
-        items = tuple(item.strip() for item in value.split(",") if item.strip())
-    elif isinstance(value, (tuple, list)) and all(isinstance(item, str) for item in value):
-        items = tuple(value)
-    else:
-        items = ()
-    return parse_trust(items)
+    return parse_trust(_comma_list(value))
 
 
 def to_listen(value: object) -> Optional[Tuple[str, int]]:

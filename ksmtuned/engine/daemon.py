@@ -230,6 +230,12 @@ class Daemon:
             report.error = f"{type(e).__name__}: {e}"
             self._log_failure(reason, f"unexpected error:\n{traceback.format_exc().rstrip()}", key=report.error)
         report.duration_s = self.clock() - started
+        self._publish(report)
+        return report
+
+    def _publish(self, report: TickReport) -> None:
+        """The tick's last steps: what KSM and ksmd did, systemd's status, then every observer
+        (one that fails is logged with its traceback; the others still run)."""
         self._observe_ksm(report)
         self._notify(report)
         for observer in self.observers:
@@ -237,7 +243,6 @@ class Daemon:
                 observer(report)
             except Exception:
                 log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
-        return report
 
     def _observe_ksm(self, report: TickReport) -> None:
         """What KSM and ksmd did (counters, ksmd's CPU time), for the observers; never fails the tick."""
@@ -402,13 +407,7 @@ class Daemon:
                 self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
         report.duration_s = self.clock() - started
         if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
-            self._observe_ksm(report)
-            self._notify(report)
-            for observer in self.observers:
-                try:
-                    observer(report)
-                except Exception:
-                    log.error("observer %r failed:\n%s", observer, traceback.format_exc().rstrip())
+            self._publish(report)
         return report
 
     def _write_knobs(self, wanted: list[tuple[str, str]]) -> list[Write]:
