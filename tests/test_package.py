@@ -52,8 +52,7 @@ TEST_TIER = "not root and not ksm and not qemu and not libvirt and not oracle an
 # Left out: the tests of the checkout itself (packaging: make, the sdist, generators), and those
 # that run `python3 -S -m ksmtuned` from the checkout (its cwd) to see the source tree's imports,
 # which this tier leaves out on purpose so that `import ksmtuned` finds the installed package.
-# The chroot has no /sys: a host without KSM, as far as its tests can tell; so also left out is
-# a test that needs KSM without the `ksm` marker (`status` there exits 69 on a host without it).
+# The chroot has no /sys: a host without KSM, as far as its tests can tell.
 # Known difference, left out until it is settled: with Debian 13's psutil 7.0.0 (PyPI's 7.2 in
 # the dev venv) the fake /proc's fork gets a create time years ahead, so it never grows "old"
 # (test_guests.py::test_a_young_fork_that_grows_old_without_exec_is_final).
@@ -67,7 +66,6 @@ KNOWN_DEBIAN_13 = ("test_a_young_fork_that_grows_old_without_exec_is_final", "te
                    "test_a_daemonized_guest_is_found_once_its_parent_exits")
 DESELECT = ("--ignore=tests/test_packaging.py --ignore=tests/test_package.py "
             "-k 'not imports_nothing_heavy and not import_check_sees_a_heavy_import "
-            "and not test_pidfile_from_the_config_file_is_the_one_retune_reads "
             + "".join(f"and not {name} " for name in KNOWN_DEBIAN_13).rstrip() + "'")
 # Files that change when apt or dpkg run at all, whatever they install: not "left behind".
 VOLATILE = ("/var/cache/", "/var/log/", "/var/lib/dpkg/", "/var/lib/apt/", "/etc/ld.so.cache",

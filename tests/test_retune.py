@@ -150,5 +150,6 @@ def test_pidfile_from_the_config_file_is_the_one_retune_reads(tmp_path):
         r = run("retune", "--config", str(conf), "--insecure-config")
         assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
         d.wait_ticks(2, timeout_s=10)
-        r = run("status", "--json", "--config", str(conf), "--insecure-config", "--state-file", str(tmp_path / "none.json"))
+        r = run("status", "--json", "--config", str(conf), "--insecure-config", "--sysfs", str(d.sysfs),
+                "--state-file", str(tmp_path / "none.json"))
         assert r.returncode == 0 and f'"pid": {d.pid}' in r.stdout, r.stdout + r.stderr

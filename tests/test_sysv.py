@@ -284,6 +284,15 @@ def test_a_start_that_fails_says_why_with_the_lsb_code(host):
     ok(host.run("service ksmtuned status"), 3)
 
 
+def test_start_on_a_kernel_without_ksm_is_not_a_failure(host):
+    """A host without KSM (a container, an old kernel): start succeeds doing nothing, so that the
+    package's postinst (invoke-rc.d ksmtuned start) does not fail there; status says stopped."""
+    host.run("echo 'KSMTUNED_OPTS=\"--sysfs /nonexistent/ksm\"' > /etc/default/ksmtuned")
+    r = ok(host.run("service ksmtuned start"))
+    assert "this kernel has no KSM" in r.stdout, r.stdout + r.stderr
+    ok(host.run("service ksmtuned status"), 3)
+
+
 def test_update_rc_d_enables_and_orders_the_scripts(host):
     """Debian's `update-rc.d` (RHEL's `chkconfig ksm on` has no Debian package): with insserv
     it reads the LSB headers, so ksm must come before ksmtuned (Should-Start: ksm)."""
