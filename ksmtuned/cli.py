@@ -118,32 +118,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .commands import retune
 
             return retune.main(paths, quiet=args.quiet)
-        from .kernel.processes import set_procfs
+        from .kernel.processes import procfs, set_procfs
         from .service.logs import setup_logging
 
         setup_logging()
-        # psutil's root is process-global: set here, once, for every command and the daemon
+        # psutil's root is process-global: set here, once, for every command and the daemon,
+        # and given back when main() returns (it is also called in-process, by tests)
+        before = procfs()
         set_procfs(os.path.abspath(paths.procfs))
-        if args.command == "check-config":
-            from .commands import check_config
-
-            return check_config.main(paths, as_json=args.json)
-        if args.command == "guests":
-            from .commands import guests
-
-            return guests.main(paths, as_json=args.json)
-        if args.command == "status":
-            from .commands import status
-
-            return status.main(paths, as_json=args.json)
-        if args.command == "check":
-            from .commands import check
-
-            return check.main(paths, as_json=args.json)
-        from .commands import run
-
-        return run.main(paths, foreground=args.foreground, debug=args.debug, once=args.once,
-                        dry_run=args.dry_run, force=args.force)
+        try:
+            return _command(args, paths)
+        finally:
+            set_procfs(before)
     except KsmtunedError as e:
         # one problem a line (a ConfigError lists several); a path or name in it is shown escaped
         print("ksmtuned: " + "\n".join(printable(line) for line in str(e).split("\n")),
@@ -175,6 +161,31 @@ def build_ksmctl_parser() -> argparse.ArgumentParser:
                    help="file with KSM_MAX_KERNEL_PAGES (default: the first of "
                         f"{' and '.join(KSM_DEFAULTS_FILES)} that exists)")
     return p
+
+
+
+def _command(args: argparse.Namespace, paths: Paths) -> int:
+    """Run the one command the namespace names (not retune: main() runs it before any import)."""
+    if args.command == "check-config":
+        from .commands import check_config
+
+        return check_config.main(paths, as_json=args.json)
+    if args.command == "guests":
+        from .commands import guests
+
+        return guests.main(paths, as_json=args.json)
+    if args.command == "status":
+        from .commands import status
+
+        return status.main(paths, as_json=args.json)
+    if args.command == "check":
+        from .commands import check
+
+        return check.main(paths, as_json=args.json)
+    from .commands import run
+
+    return run.main(paths, foreground=args.foreground, debug=args.debug, once=args.once,
+                    dry_run=args.dry_run, force=args.force)
 
 
 def ksmctl_main(argv: Optional[List[str]] = None) -> int:
