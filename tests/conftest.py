@@ -29,6 +29,15 @@ def pytest_collection_modifyitems(config, items):
 _NOBODY_PYTHON: list[str] = []
 
 
+def nobody_can_run_python() -> bool:
+    """Whether nobody can run this interpreter (see skip_unless_nobody_can_run_python)."""
+    try:
+        skip_unless_nobody_can_run_python()
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
 def skip_unless_nobody_can_run_python() -> None:
     """Skip a test that runs this interpreter as nobody when nobody cannot run it.
 
