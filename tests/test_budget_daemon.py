@@ -8,6 +8,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from ksmtuned.core.budget import BudgetSettings, steady_start
 from tests.daemon_support import DaemonProc, fake_ksm_dir
 
@@ -97,6 +99,8 @@ def test_advisor_left_alone_when_configured(tmp_path):
 
 def test_state_file_status_and_metrics_show_the_mode(tmp_path):
     import json
+
+    pytest.importorskip("prometheus_client")  # the metrics extra (the Debian package only recommends it)
 
     from tests.daemon_support import ksmtuned
 

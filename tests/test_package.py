@@ -56,14 +56,7 @@ TEST_TIER = "not root and not ksm and not qemu and not libvirt and not oracle an
 # Known difference, left out until it is settled: with Debian 13's psutil 7.0.0 (PyPI's 7.2 in
 # the dev venv) the fake /proc's fork gets a create time years ahead, so it never grows "old"
 # (test_guests.py::test_a_young_fork_that_grows_old_without_exec_is_final).
-# The guest finder's tests on the fake /proc pass one by one but fail in the whole run there
-# (order-dependent, with psutil 7.0's PROCFS_PATH handling): left out until that is settled;
-# they run in every other tier.
-KNOWN_DEBIAN_13 = ("test_a_young_fork_that_grows_old_without_exec_is_final", "test_each_form_is_found_once_with_its_matcher",
-                   "test_memory_figures_match_the_kernel", "test_a_guest_that_exits_is_dropped",
-                   "test_a_process_that_execs_qemu_after_it_was_seen_is_found",
-                   "test_pid_files_name_guests_and_stale_ones_are_ignored", "test_a_fork_of_a_guest_is_not_a_second_guest",
-                   "test_a_daemonized_guest_is_found_once_its_parent_exits")
+KNOWN_DEBIAN_13 = ("test_a_young_fork_that_grows_old_without_exec_is_final",)
 # (test_bench_budget.py tests the checkout's bench/, which the package does not install)
 DESELECT = ("--ignore=tests/test_packaging.py --ignore=tests/test_package.py --ignore=tests/test_bench_budget.py "
             "-k 'not imports_nothing_heavy and not import_check_sees_a_heavy_import "
