@@ -183,12 +183,15 @@ class Fleet:
     def stop(self) -> None:
         """The holder's end is the namespace's: every daemon the role started there is killed."""
         if self.holder and self.holder.poll() is None:
-            self.holder.send_signal(signal.SIGKILL)  # unshare; its child (pid 1 inside) gets SIGKILL too
-            self.holder.wait(30)
+            # pid 1 of the namespace first, found while unshare still runs: when it dies the kernel
+            # kills every process of the namespace, the hosts' nested namespaces and daemons too
+            # (killing unshare alone leaves its child running: they outlived the test by an hour)
             try:
                 os.kill(self.ns_pid(), signal.SIGKILL)
-            except (OSError, AssertionError, FileNotFoundError):
+            except (OSError, AssertionError):
                 pass
+            self.holder.send_signal(signal.SIGKILL)
+            self.holder.wait(30)
 
 
 def base_chroot() -> Path:
