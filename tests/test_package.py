@@ -22,7 +22,6 @@ first time only, Debian's archive (the tier skips, saying why, when one is missi
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -32,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, is_root
+from tests.test_packaging import checkout_copy
 
 pytestmark = [pytest.mark.package, pytest.mark.slow]
 
@@ -107,23 +107,6 @@ class Chroot:
         return r
 
 
-def _source_tree(dest: Path) -> Path:
-    """The checkout as git sees it (committed or not, without what .gitignore leaves out)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
-    for name in filter(None, files):
-        src = REPO / os.fsdecode(name)
-        if not src.exists() and not src.is_symlink():
-            continue  # deleted in the work tree
-        target = dest / os.fsdecode(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            target.symlink_to(os.readlink(src))
-        else:
-            shutil.copy2(src, target)
-    return dest
-
-
 @pytest.fixture(scope="module")
 def trixie(tmp_path_factory):
     """(the built .deb's directory on the host, the build's log, lintian's output)."""
@@ -133,7 +116,7 @@ def trixie(tmp_path_factory):
     subprocess.run([str(SCRIPT), "path", *CHROOT_OPTS], check=True, timeout=1800, stdout=subprocess.DEVNULL)
     work = tmp_path_factory.mktemp("trixie")
     out = work / "out"
-    _source_tree(out / "ksmtuned-0.1.0")
+    checkout_copy(out / "ksmtuned-0.1.0")
     build = Chroot(work / "build-state", {out: "/build"})
     r = build.run("""
         cd /build/ksmtuned-0.1.0
@@ -274,7 +257,7 @@ def test_replaces_debians_ksmtuned_then_removes_and_purges_cleanly(trixie, tmp_p
 
 def test_own_tests_pass_on_debian_13_libraries(trixie, tmp_path):
     out, _, _ = trixie
-    src = _source_tree(tmp_path / "src")
+    src = checkout_copy(tmp_path / "src")
     root = Chroot(tmp_path / "state", {out: "/build", src: "/src"})
     # the tests, and the repository files they read, but not the package: `import ksmtuned` must
     # find the installed one in /usr/lib/python3/dist-packages
