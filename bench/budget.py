@@ -314,7 +314,9 @@ def run_one(scenario: str, tuner: str, p: dict, workdir: Path, ksmd: int, accel:
                     daemon_cpu_s = daemon.cgroup.usage_usec() / 1e6
                 except Exception:
                     pass
-                daemon_log = common.read_text(daemon.logfile) + "\n" + daemon.tail()
+                # the whole output: the THP warning comes at the start, a tail would lose it
+                daemon.output.flush()
+                daemon_log = common.read_text(daemon.logfile) + "\n" + common.read_text(daemon.dir / "output")
                 daemon.stop()
             for g in guests:
                 g.stop()

@@ -195,6 +195,15 @@ class Ksmd:
             self.stable[content] = n
             self._sharing -= 1
 
+    def age_unmerged(self, proc: Proc, seed: int = 3) -> None:
+        """Leave ``proc``'s visited, unmerged pages as hours of scanning would: the oldest age, each
+        somewhere in its 8-pass skip (a shortcut for thousands of simulated passes)."""
+        rng = random.Random(seed)
+        for i in range(proc.pages):
+            if proc.rmap[i] and not proc.ksm[i]:
+                proc.age[i] = 255
+                proc.skips[i] = rng.randrange(skip_age(255) + 1)
+
     def rewrite(self, proc: Proc, index: int, content: int) -> None:
         """A write to a page: a merged page is copied first (cow_ksm)."""
         if proc.ksm[index]:
@@ -500,8 +509,8 @@ class Budget(Tuner):
             pages_sharing=c["pages_sharing"], pages_unshared=c["pages_unshared"],
             pages_volatile=c["pages_volatile"], pages_scanned=c["pages_scanned"],
             pages_skipped=c["pages_skipped"], cow_ksm=c["cow_ksm"], ksmd_cpu_ns=int(self.host.ksmd.cpu_ns),
-            guests=tuple(self.b.GuestMemory(p.pid, p.rss_kib) for p in self.host.guests),
-            retune=self.retune_next, start=self._first)
+            guests=tuple(self.b.GuestMemory(p.pid, p.rss_kib, True) for p in self.host.guests),
+            retune=self.retune_next, start=self._first, smart_scan=self.host.ksmd.smart_scan)
 
     def _guests_now(self) -> dict:
         return {p.pid: p.rss_kib for p in self.host.guests}

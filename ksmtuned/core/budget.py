@@ -54,6 +54,13 @@ CHURN_WINDOW_S = 60.0
 CHURN_FLOOR = 0.2
 #: A pass "gained next to nothing" when it added at most max(this, tracked/1000) pages saved.
 MIN_GAIN_PAGES = 256
+#: Smart scan (kernel 6.7+) visits a page that never merged only every 9th pass (mm/ksm.c
+#: skip_age(): at most 8 skips).  A new guest's duplicate of such an old page merges only in a
+#: pass that visits both, so a burst that finds old unmerged pages lasts this many passes more,
+#: and ends only when a whole such cycle gained next to nothing.
+SMART_SCAN_PASSES = 9
+#: Pass marks kept to measure the gain over the last SMART_SCAN_PASSES passes.
+MAX_PASS_MARKS = 32
 
 
 #: The kinds of trigger, as the metrics label them (the reason text has the details).
@@ -99,10 +106,19 @@ class BudgetSettings:
 
 @dataclass(frozen=True)
 class GuestMemory:
-    """One guest as the law sees it: its pid and resident memory (kB)."""
+    """One guest as the law sees it: its pid, resident memory (kB) and whether any of its memory
+    is opted in to KSM (``ksm_mergeable`` of /proc/PID/ksm_stat; None: the kernel does not say).
+
+    A guest with nothing opted in (``mergeable=False``: a QEMU with mem-merge=off, a process
+    that only looks like one) is no news and no candidate: ksmd never visits its memory."""
 
     pid: int
     rss_kib: int
+    mergeable: Optional[bool] = None
+
+    @property
+    def candidate(self) -> bool:
+        return self.mergeable is not False
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,7 @@ class KsmSample:
     guests: Tuple[GuestMemory, ...] = ()
     retune: bool = False
     start: bool = False  # the daemon's first tick
+    smart_scan: Optional[bool] = None  # /sys/kernel/mm/ksm/smart_scan (None: no such knob)
 
     @property
     def saved_pages(self) -> int:
@@ -141,7 +158,12 @@ class KsmSample:
         return self.pages_shared + self.pages_sharing + self.pages_unshared + self.pages_volatile
 
     def candidate_pages(self, page_kib: int) -> int:
-        return sum(g.rss_kib for g in self.guests) // page_kib
+        return sum(g.rss_kib for g in self.guests if g.candidate) // page_kib
+
+    @property
+    def unmerged_tracked_pages(self) -> int:
+        """Pages ksmd visited that are not merged (unique, changing, or skipped by smart scan)."""
+        return self.pages_unshared + self.pages_volatile
 
 
 @dataclass(frozen=True)
@@ -153,6 +175,9 @@ class BudgetState:
     trigger_kind: str = ""  # its first trigger's kind (TRIGGER_KINDS), for the metrics
     trigger_full_scans: int = 0
     trigger_time_s: float = 0.0
+    burst_passes: int = BURST_PASSES  # full passes the burst under way lasts at least
+    gain_window: int = 1  # ...and the passes over which "gained next to nothing" is measured
+    pass_marks: Tuple[Tuple[int, int], ...] = ()  # (full_scans, pages saved) seen since the trigger
     last: Optional[KsmSample] = None
     baseline_kib: Tuple[Tuple[int, int], ...] = ()  # (pid, rss_kib) each guest is counted as
     mark_full_scans: int = 0  # the last pass boundary seen, and the counters then
@@ -311,14 +336,20 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     triggers = []  # new guests: always a burst
     soft = []  # growth, retunes, unvisited memory: held off after fruitless bursts
     held_off = sample.time_s < state.holdoff_until_s and state.mode is not Mode.BURST
-    now_guests = {g.pid: g.rss_kib for g in sample.guests}
+    # only guests with memory opted in to KSM count, and only once they are big enough to matter:
+    # a process that merely looks like a guest (nothing opted in, a few MiB) is no news
+    now_guests = {g.pid: g.rss_kib for g in sample.guests if g.candidate}
     if last is None:
         baseline = dict(now_guests)  # the first tick: only unvisited memory counts (below)
     else:
-        for pid, rss in now_guests.items():
-            if pid not in baseline:
+        fresh = {pid: rss for pid, rss in now_guests.items() if pid not in baseline}
+        if sum(fresh.values()) >= s.growth_kib:
+            for pid, rss in fresh.items():
                 triggers.append(f"new guest {pid} ({rss // 1024} MiB)")
                 baseline[pid] = rss
+        for pid, rss in now_guests.items():
+            if pid not in baseline:
+                continue  # too small yet: counted as new once the new ones add up to growth_kib
             elif rss - baseline[pid] >= s.growth_kib:
                 soft.append(f"guest {pid} grew by {(rss - baseline[pid]) // 1024} MiB")
                 if not held_off:  # else counted again once the holdoff is over
@@ -351,8 +382,10 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     trig_saved, fruitless, holdoff_until = state.trigger_saved, state.fruitless, state.holdoff_until_s
     steady_reason = state.steady_reason
     kind = state.trigger_kind
+    min_passes, window, marks = state.burst_passes, state.gain_window, state.pass_marks
     if reset and mode is Mode.BURST:
         trig_scans = sample.full_scans
+        marks = ()
     if not sample.running:
         mode, reason = Mode.OFF, "KSM off"
     else:
@@ -361,14 +394,27 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
             if mode is not Mode.BURST:
                 bursts += 1
                 trig_saved = sample.saved_pages
+                min_passes, window = BURST_PASSES, 1
+            # old pages that never merged are visited only every SMART_SCAN_PASSES-th pass: the new
+            # memory may duplicate them, so the burst lasts until each was visited beside it
+            if sample.smart_scan and sample.unmerged_tracked_pages > small:
+                min_passes, window = BURST_PASSES + SMART_SCAN_PASSES, SMART_SCAN_PASSES
             mode, reason = Mode.BURST, "; ".join(triggers)
             kind = _kind(triggers[0])
             trig_scans, trig_time = sample.full_scans, sample.time_s
+            marks = ((sample.full_scans, sample.saved_pages),)
         elif mode is Mode.OFF:
             mode = Mode.STEADY
         elif mode is Mode.BURST:
             passes = sample.full_scans - trig_scans
-            if passes >= BURST_PASSES and gain is not None and gain <= small:
+            if not marks or sample.full_scans > marks[-1][0]:
+                marks = (marks + ((sample.full_scans, sample.saved_pages),))[-MAX_PASS_MARKS:]
+            if window > 1:  # the gain over the last `window` passes, from the latest mark before them
+                before = [saved for scans, saved in marks if scans <= sample.full_scans - window]
+                window_gain: Optional[int] = max(0, sample.saved_pages - before[-1]) if before else None
+            else:
+                window_gain = gain
+            if passes >= min_passes and window_gain is not None and window_gain <= small:
                 mode = Mode.STEADY
                 floor = unvisited  # what one whole burst left unvisited is not news next time
                 gained = sample.saved_pages - trig_saved
@@ -386,7 +432,8 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         kind = ""
     new.update(mode=mode, trigger=reason if mode is Mode.BURST else None, trigger_kind=kind,
                trigger_full_scans=trig_scans,
-               trigger_time_s=trig_time, bursts=bursts, trigger_saved=trig_saved, fruitless=fruitless,
+               trigger_time_s=trig_time, burst_passes=min_passes, gain_window=window,
+               pass_marks=marks if mode is Mode.BURST else (), bursts=bursts, trigger_saved=trig_saved, fruitless=fruitless,
                holdoff_until_s=holdoff_until, steady_reason=steady_reason)
 
     # --- how hard ------------------------------------------------------------------------------
@@ -408,7 +455,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.BURST else None)
         next_tick = s.burst_tick_s
         rate = pages / (pages * cost / 1e9 + sleep_wall_s(sleep_ms, s.hz))  # pages per second
-        passes_left = max(1, BURST_PASSES - (sample.full_scans - trig_scans))
+        passes_left = max(1, min_passes - (sample.full_scans - trig_scans))
         eta = passes_left * est_pass_pages / rate
     else:
         target = s.steady_pct * churn_factor

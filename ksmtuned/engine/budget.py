@@ -99,6 +99,13 @@ class BudgetDriver:
             self._present = tuple(out) or _COUNTERS  # probed again if all failed
         return out
 
+    def _smart_scan(self) -> Optional[bool]:
+        """Whether ksmd skips pages that never merged (kernel 6.7+; None: no such knob)."""
+        try:
+            return self.sysfs.read("smart_scan").strip() == "1"
+        except KernelInterfaceError:
+            return None
+
     def sample(self, now_s: float, running: bool, guests: Iterable[Guest], retune: bool) -> KsmSample:
         c = self._counters()
         cow = None
@@ -117,7 +124,8 @@ class BudgetDriver:
             pages_unshared=num("pages_unshared") or 0, pages_volatile=num("pages_volatile") or 0,
             ksm_zero_pages=num("ksm_zero_pages") or 0, pages_scanned=num("pages_scanned"),
             pages_skipped=num("pages_skipped"), cow_ksm=cow, ksmd_cpu_ns=self.ksmd.cpu_ns(),
-            guests=tuple(GuestMemory(g.pid, g.rss_kib) for g in guests), retune=retune, start=self._first)
+            guests=tuple(GuestMemory(g.pid, g.rss_kib, g.ksm_mergeable) for g in guests), retune=retune,
+            start=self._first, smart_scan=self._smart_scan())
         self._first = False
         return sample
 
