@@ -1,6 +1,8 @@
 """A process holding N MiB of private anonymous memory opted in to KSM, every page identical.
 
-Run as `python -m tests.mergeable MIB`; prints "ready" once the memory is touched and marked.
+Run as `python -m tests.mergeable MIB [plain]`; prints "ready" once the memory is touched and
+marked.  With `plain` the memory is never opted in (ksm_stat: ksm_mergeable: no): a process
+that only looks like a guest.
 Python's mmap.mmap(-1, n) is MAP_SHARED, which KSM never merges (KSM.md section 1): ask for
 MAP_PRIVATE | MAP_ANONYMOUS explicitly.
 """
@@ -18,7 +20,8 @@ def main() -> None:
     page = (b"ksmtuned-test-page" * (PAGE // 18 + 1))[:PAGE]
     for off in range(0, size, PAGE):
         m[off : off + PAGE] = page
-    m.madvise(mmap.MADV_MERGEABLE)
+    if sys.argv[2:] != ["plain"]:
+        m.madvise(mmap.MADV_MERGEABLE)
     print("ready", flush=True)
     signal.pause()
 

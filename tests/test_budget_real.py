@@ -31,8 +31,8 @@ def read(root: Path, name: str) -> int:
     return int((root / name).read_text())
 
 
-def start_mergeable(stack: ExitStack, mib: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(mib)], stdout=subprocess.PIPE, text=True,
+def start_mergeable(stack: ExitStack, mib: int, *more: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(mib), *more], stdout=subprocess.PIPE, text=True,
                          cwd=REPO)
     stack.callback(lambda: (p.kill(), p.wait()))
     assert p.stdout.readline().strip() == "ready"
@@ -99,6 +99,35 @@ def test_budget_merges_real_memory_then_ksmd_goes_quiet(real_ksm, tmp_path):
 
     t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:tests\.mergeable", work, 2 * pages)
     assert steady <= STEADY_BOUND_PCT
+
+
+@pytest.mark.root
+@pytest.mark.ksm
+def test_a_look_alike_with_nothing_opted_in_sets_off_no_burst(real_ksm, tmp_path):
+    """A matched process with 128 MiB that never opted in to KSM is no news (no burst, nothing
+    counted as still to merge); the same size opted in is."""
+    state = tmp_path / "state.json"
+    with ExitStack() as stack:
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\n", sysfs=real_ksm,
+                       extra=["--state-file", str(state)])
+        stack.callback(d.stop)
+        d.start()
+        wait_mode(state, "steady", 10)
+        start_mergeable(stack, 128, "plain")
+        deadline = time.monotonic() + 5  # ten watch periods
+        seen = []
+        while time.monotonic() < deadline:
+            try:
+                b = json.loads(state.read_text()).get("budget") or {}
+            except (OSError, ValueError):
+                b = {}
+            seen.append(b.get("mode"))
+            time.sleep(0.1)
+        assert "burst" not in seen, seen
+        assert "steady" in seen
+        start_mergeable(stack, 128)
+        burst = wait_mode(state, "burst", 10)
+        assert "new guest" in burst["reason"], burst
 
 
 @pytest.mark.root
