@@ -43,7 +43,7 @@ def test_ksm_directory_missing_at_start_exits_69_with_a_clear_message(tmp_path):
     d = Daemon(tmp_path, sysfs=tmp_path / "no-ksm-here")
     d.start(wait=False)
     assert d.proc.wait(15) == 69
-    err = d.stderr()
+    err = d.stderr_text()
     assert f"{tmp_path / 'no-ksm-here'}: no such directory: this kernel has no KSM" in err
     assert "Traceback" not in err
     assert not d.pidfile.exists()
@@ -55,15 +55,15 @@ def test_ksm_directory_vanishing_while_running_is_logged_retried_and_recovered(t
         wait_until(lambda: _ok_knobs(d, "1", "1250"), what="boosted to KSM_NPAGES_MAX")
         away = tmp_path / "ksm.away"
         os.rename(d.sysfs, away)
-        wait_until(lambda: "adjust failed" in d.stderr(), what="the failure logged")
+        wait_until(lambda: "adjust failed" in d.stderr_text(), what="the failure logged")
         time.sleep(0.2)  # a few failing ticks at 0.02 s
         assert d.alive()
         # while it is away, KSM is switched off by hand; the daemon must put it back on
         (away / "run").write_text("0\n")
         os.rename(away, d.sysfs)
-        wait_until(lambda: "adjusting works again" in d.stderr(), what="recovery logged")
+        wait_until(lambda: "adjusting works again" in d.stderr_text(), what="recovery logged")
         wait_until(lambda: d.knob("run") == "1", what="run written again")
-        err = d.stderr()
+        err = d.stderr_text()
         assert f"{d.sysfs}: no such directory" in err
         assert "Traceback" not in err and "unexpected" not in err
         assert d.stop() == 0
@@ -90,7 +90,7 @@ def test_run_not_writable_at_start_exits_77(tmp_path):
     (d.sysfs / "run").chmod(0o444)
     d.start(wait=False)
     assert d.proc.wait(15) == 77
-    assert f"{d.sysfs / 'run'}: permission denied" in d.stderr()
+    assert f"{d.sysfs / 'run'}: permission denied" in d.stderr_text()
 
 
 @root
@@ -99,7 +99,7 @@ def test_knob_refusing_writes_with_eacces_is_logged_and_retried(tmp_path):
     with d:
         (d.sysfs / "pages_to_scan").chmod(0o444)
         write_atomic(d.meminfo, BOOST)
-        wait_until(lambda: "Permission denied" in d.stderr() or "permission denied" in d.stderr(),
+        wait_until(lambda: "Permission denied" in d.stderr_text() or "permission denied" in d.stderr_text(),
                    what="EACCES logged")
         # the rest of the decision still lands: ksmd runs, at the sleep the law asks for
         wait_until(lambda: d.knob("run") == "1" and d.knob("sleep_millisecs") == "10", what="run=1 still written")
@@ -107,8 +107,8 @@ def test_knob_refusing_writes_with_eacces_is_logged_and_retried(tmp_path):
         assert d.alive()
         (d.sysfs / "pages_to_scan").chmod(0o644)
         wait_until(lambda: d.knob("pages_to_scan") == "1250", what="pages_to_scan written after recovery")
-        wait_until(lambda: "adjusting works again" in d.stderr(), what="the recovery logged")
-        assert "Traceback" not in d.stderr()
+        wait_until(lambda: "adjusting works again" in d.stderr_text(), what="the recovery logged")
+        assert "Traceback" not in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -122,12 +122,12 @@ def test_read_only_ksm_directory_erofs_while_running_then_writable_again(tmp_pat
             mounted = True
             subprocess.run(["mount", "-o", "remount,bind,ro", str(d.sysfs)], check=True)
             write_atomic(d.meminfo, BOOST)
-            wait_until(lambda: "read-only file system" in d.stderr().lower(), what="EROFS logged")
+            wait_until(lambda: "read-only file system" in d.stderr_text().lower(), what="EROFS logged")
             time.sleep(0.1)
             assert d.alive() and d.knob("run") == "0"
             subprocess.run(["mount", "-o", "remount,bind,rw", str(d.sysfs)], check=True)
             wait_until(lambda: _ok_knobs(d, "1"), what="run=1 after the remount")
-            wait_until(lambda: "adjusting works again" in d.stderr(), what="the recovery logged")
+            wait_until(lambda: "adjusting works again" in d.stderr_text(), what="the recovery logged")
         finally:
             if mounted:
                 subprocess.run(["umount", "-l", str(d.sysfs)], check=False)
@@ -144,7 +144,7 @@ def test_read_only_ksm_directory_at_start_exits_77_not_restartable(tmp_path):
         d = Daemon(tmp_path, sysfs=sysfs)
         d.start(wait=False)
         assert d.proc.wait(15) == 77
-        assert f"{sysfs / 'run'}: read-only file system" in d.stderr()
+        assert f"{sysfs / 'run'}: read-only file system" in d.stderr_text()
     finally:
         subprocess.run(["umount", "-l", str(sysfs)], check=False)
 
@@ -156,14 +156,14 @@ def test_directory_in_place_of_a_knob_is_an_error_not_a_crash(tmp_path):
         (d.sysfs / "sleep_millisecs").unlink()
         (d.sysfs / "sleep_millisecs").mkdir()
         write_atomic(d.meminfo, BOOST)
-        wait_until(lambda: "Is a directory" in d.stderr(), what="EISDIR logged")
+        wait_until(lambda: "Is a directory" in d.stderr_text(), what="EISDIR logged")
         wait_until(lambda: d.knob("run") == "1", what="run still written")
         (d.sysfs / "sleep_millisecs").rmdir()
         time.sleep(0.1)
         assert not (d.sysfs / "sleep_millisecs").exists()  # a knob is never created, only written
         write_atomic(d.sysfs / "sleep_millisecs", "20\n")
         wait_until(lambda: d.knob("sleep_millisecs") == "10", what="the knob written again")
-        assert "Traceback" not in d.stderr()
+        assert "Traceback" not in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -186,7 +186,7 @@ def test_knob_refusing_writes_injected_by_strace_then_detached(tmp_path, errname
                        what="strace attached")
             write_atomic(d.meminfo, BOOST)
             message = os.strerror(getattr(errno, errname))
-            wait_until(lambda: message in d.stderr(), what=f"{errname} logged")
+            wait_until(lambda: message in d.stderr_text(), what=f"{errname} logged")
             wait_until(lambda: d.knob("run") == "1", what="run still written")
             # not written (in this regular-file stand-in the O_TRUNC before the failed write empties it)
             assert d.knob("pages_to_scan") in ("100", "")
@@ -195,7 +195,7 @@ def test_knob_refusing_writes_injected_by_strace_then_detached(tmp_path, errname
             strace.terminate()
             strace.wait(10)
         wait_until(lambda: d.knob("pages_to_scan") == "1250", what="pages_to_scan written once strace left")
-        assert d.alive() and "Traceback" not in d.stderr()
+        assert d.alive() and "Traceback" not in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -215,17 +215,17 @@ def test_advisor_scan_time_while_running_and_back(real_ksm, tmp_path):
         # the kernel now owns pages_to_scan (it set the advisor's minimum); switch run off by hand:
         # the daemon still owns run and must switch it back on
         (real_ksm / "run").write_text("0")
-        wait_until(lambda: "advisor" in d.stderr(), what="the advisor warning")
+        wait_until(lambda: "advisor" in d.stderr_text(), what="the advisor warning")
         wait_until(lambda: d.knob("run") == "1", what="run switched on again under the advisor")
         start = d.ticks()
         wait_until(lambda: d.ticks() >= start + 5, what="5 more ticks under the advisor")
         assert d.knob("pages_to_scan") != "1250"  # the advisor's, not ours
-        err = d.stderr()
+        err = d.stderr_text()
         assert err.count("advisor_mode=scan-time") == 1, err
         assert "adjust failed" not in err
         (real_ksm / "advisor_mode").write_text("none")
         wait_until(lambda: d.knob("pages_to_scan") == "1250", what="pages_to_scan ours again")
-        wait_until(lambda: "advisor is off again" in d.stderr(), what="the advisor-off message")
+        wait_until(lambda: "advisor is off again" in d.stderr_text(), what="the advisor-off message")
         assert d.stop() == 0
 
 
@@ -250,15 +250,15 @@ def test_bad_meminfo_skips_the_tick_names_the_field_and_recovers(tmp_path, case)
     d = Daemon(tmp_path, interval_s=0.02, meminfo=STOP).start()
     with d:
         write_atomic(d.meminfo, text)
-        wait_until(lambda: message in d.stderr(), what=message)
+        wait_until(lambda: message in d.stderr_text(), what=message)
         ticks = d.ticks()
         time.sleep(0.1)
         assert d.ticks() == ticks, "a tick was not skipped"
         assert d.knob("run") == "0" and d.alive()
         write_atomic(d.meminfo, BOOST)
         wait_until(lambda: d.knob("run") == "1", what="the tick after the fix")
-        wait_until(lambda: "adjusting works again" in d.stderr(), what="the recovery logged")  # after the writes
-        err = d.stderr()
+        wait_until(lambda: "adjusting works again" in d.stderr_text(), what="the recovery logged")  # after the writes
+        err = d.stderr_text()
         assert f"{d.meminfo}" in err and "Traceback" not in err
         assert d.stop() == 0
 
@@ -267,8 +267,8 @@ def test_bad_meminfo_at_start_is_refused_with_the_field(tmp_path):
     d = Daemon(tmp_path, meminfo="MemFree: 1 kB\n")
     d.start(wait=False)
     assert d.proc.wait(15) != 0
-    assert f"{d.meminfo}: missing field MemTotal" in d.stderr()
-    assert "Traceback" not in d.stderr()
+    assert f"{d.meminfo}: missing field MemTotal" in d.stderr_text()
+    assert "Traceback" not in d.stderr_text()
 
 
 # --- guest processes ------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def test_bad_meminfo_at_start_is_refused_with_the_field(tmp_path):
 
 def _state(d: Daemon) -> dict:
     try:
-        return json.loads(d.state_file.read_text())
+        return json.loads(d.state.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -336,7 +336,7 @@ def test_two_thousand_guests_appear_at_once_and_are_killed_mid_scan(tmp_path):
         assert d.ticks() > ticks
         assert seen >= 2000
         d.retune_and_wait()
-        err = d.stderr()
+        err = d.stderr_text()
         assert "adjust failed" not in err and "Traceback" not in err, err[-2000:]
         assert d.stop() == 0
 
@@ -353,7 +353,7 @@ def test_short_lived_guests_churning_for_three_seconds(tmp_path):
             capture_output=True, text=True, timeout=60, start_new_session=True)
         assert int(churn.stdout) > 200
         assert d.ticks() > ticks + 20  # it kept ticking through the churn
-        err = d.stderr()
+        err = d.stderr_text()
         assert "adjust failed" not in err and "Traceback" not in err, err[-2000:]
         assert d.stop() == 0
 
@@ -383,7 +383,7 @@ def test_guest_pids_reused_by_other_processes(tmp_path):
         ticks = d.ticks()
         wait_until(lambda: d.ticks() > ticks + 3, what="ticks after the reuse")
         assert not (reused & _guest_pids(d)), "a reused pid was still counted as a guest"
-        assert "Traceback" not in d.stderr() and d.alive()
+        assert "Traceback" not in d.stderr_text() and d.alive()
     finally:
         for p in guests + others:
             p.kill()
@@ -428,16 +428,16 @@ def test_log_filesystem_full_then_space_again(tmp_path):
         log = logdir / "ksmtuned.log"
         d = Daemon(tmp_path, interval_s=0.02, logfile=log).start()
         with d:
-            wait_until(lambda: "No space left on device" in d.stderr(), 30, what="ENOSPC logged")
+            wait_until(lambda: "No space left on device" in d.stderr_text(), 30, what="ENOSPC logged")
             # the loop is not blocked: a change of pressure still reaches sysfs at once
             write_atomic(d.meminfo, BOOST)
             wait_until(lambda: d.knob("run") == "1", 2, what="a tick while the log is full")
             time.sleep(0.2)
-            assert d.stderr().count("cannot write debug log") == 1  # once, not per tick
+            assert d.stderr_text().count("cannot write debug log") == 1  # once, not per tick
             os.truncate(log, 0)  # space again
-            wait_until(lambda: "writable again" in d.stderr(), what="recovery logged")
+            wait_until(lambda: "writable again" in d.stderr_text(), what="recovery logged")
             wait_until(lambda: ": committed " in read_text(log), what="logging resumed")
-            assert "Traceback" not in d.stderr()
+            assert "Traceback" not in d.stderr_text()
             assert d.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(logdir)], check=False)
@@ -446,8 +446,8 @@ def test_log_filesystem_full_then_space_again(tmp_path):
 def test_log_file_removed_is_created_anew(tmp_path):
     d = Daemon(tmp_path, interval_s=0.02).start()
     with d:
-        d.logfile.unlink()
-        wait_until(lambda: ": committed " in read_text(d.logfile), what="a new log file")
+        d.log.unlink()
+        wait_until(lambda: ": committed " in read_text(d.log), what="a new log file")
         assert d.stop() == 0
 
 
@@ -455,10 +455,10 @@ def test_log_file_rotated_then_sigusr1_writes_a_new_file(tmp_path):
     d = Daemon(tmp_path, interval_s=3600).start()
     with d:
         rotated = tmp_path / "debug.log.1"
-        os.rename(d.logfile, rotated)
+        os.rename(d.log, rotated)
         before = rotated.read_text()
         d.signal(signal.SIGUSR1)
-        wait_until(lambda: ": committed " in read_text(d.logfile), what="a new log file after SIGUSR1")
+        wait_until(lambda: ": committed " in read_text(d.log), what="a new log file after SIGUSR1")
         assert rotated.read_text() == before  # nothing more went to the rotated file
         assert d.stop() == 0
 
@@ -468,34 +468,34 @@ def test_log_file_rotated_then_sigusr1_writes_a_new_file(tmp_path):
 
 def test_config_broken_emptied_deleted_keeps_settings_then_fixed_applies(tmp_path):
     d = Daemon(tmp_path, interval_s=3600)
-    good = f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={d.logfile}\nKSM_THRES_COEF=20\n"
-    write_atomic(d.config, good)
+    good = f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={d.log}\nKSM_THRES_COEF=20\n"
+    write_atomic(d.conf, good)
     d.start()
     old_thres = "free > 3355443, stop ksm"  # 20 % of 16 GiB
-    assert old_thres in d.log()
+    assert old_thres in d.log_text()
     cases = [
-        ("a bad value", good.replace("KSM_THRES_COEF=20", "KSM_THRES_COEF=2O"), f"{d.config}:4: KSM_THRES_COEF"),
-        ("code", good + "KSM_NPAGES_MAX=$(id)\n", f"{d.config}:5: refusing"),
-        ("a command", "KSM_THRES_COEF=30\nrm -rf /tmp/nothing-here\n", f"{d.config}:2: expected KEY=VALUE"),
-        ("emptied", "", f"{d.config}: "),
-        ("deleted", None, f"{d.config}: "),
+        ("a bad value", good.replace("KSM_THRES_COEF=20", "KSM_THRES_COEF=2O"), f"{d.conf}:4: KSM_THRES_COEF"),
+        ("code", good + "KSM_NPAGES_MAX=$(id)\n", f"{d.conf}:5: refusing"),
+        ("a command", "KSM_THRES_COEF=30\nrm -rf /tmp/nothing-here\n", f"{d.conf}:2: expected KEY=VALUE"),
+        ("emptied", "", f"{d.conf}: "),
+        ("deleted", None, f"{d.conf}: "),
     ]
     for what, text, message in cases:
         if text is None:
-            d.config.unlink()
+            d.conf.unlink()
         else:
-            write_atomic(d.config, text)
-        failures = d.stderr().count("reload failed")
+            write_atomic(d.conf, text)
+        failures = d.stderr_text().count("reload failed")
         d.signal(signal.SIGHUP)
-        wait_until(lambda: d.stderr().count("reload failed") > failures, what=f"reload of {what} refused")
-        line = [l for l in d.stderr().splitlines() if "reload failed" in l][-1]
+        wait_until(lambda: d.stderr_text().count("reload failed") > failures, what=f"reload of {what} refused")
+        line = [l for l in d.stderr_text().splitlines() if "reload failed" in l][-1]
         assert message in line, (what, line)
         d.retune_and_wait()  # still DEBUG=1 to the same LOGFILE, same threshold
-        assert d.log().rstrip().splitlines()[-1].endswith(old_thres), what
-    write_atomic(d.config, good.replace("KSM_THRES_COEF=20", "KSM_THRES_COEF=30"))
+        assert d.log_text().rstrip().splitlines()[-1].endswith(old_thres), what
+    write_atomic(d.conf, good.replace("KSM_THRES_COEF=20", "KSM_THRES_COEF=30"))
     d.signal(signal.SIGHUP)
-    wait_until(lambda: "free > 5033164, stop ksm" in d.log(), what="the fixed config applied")
-    assert ": thres 5033164" in d.log()
+    wait_until(lambda: "free > 5033164, stop ksm" in d.log_text(), what="the fixed config applied")
+    assert ": thres 5033164" in d.log_text()
     assert d.stop() == 0
 
 
@@ -517,20 +517,20 @@ def test_ten_thousand_sigusr1_in_a_burst_lose_no_retune(tmp_path):
 
 def test_sigusr1_and_sighup_interleaved(tmp_path):
     d = Daemon(tmp_path, interval_s=3600)
-    conf = f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={d.logfile}\nKSM_THRES_COEF=%d\n"
-    write_atomic(d.config, conf % 20)
+    conf = f"KSM_MONITOR_INTERVAL=3600\nDEBUG=1\nLOGFILE={d.log}\nKSM_THRES_COEF=%d\n"
+    write_atomic(d.conf, conf % 20)
     d.start()
     with d:
         for i in range(2_000):
             if i % 100 == 0:
-                write_atomic(d.config, conf % (21 + i // 100))
+                write_atomic(d.conf, conf % (21 + i // 100))
             os.kill(d.pid, signal.SIGUSR1 if i % 2 else signal.SIGHUP)
-        write_atomic(d.config, conf % 30)
+        write_atomic(d.conf, conf % 30)
         os.kill(d.pid, signal.SIGHUP)
         os.kill(d.pid, signal.SIGUSR1)
-        wait_until(lambda: d.log().rstrip().endswith("free > 5033164, stop ksm"), 20, what="the last config in force")
+        wait_until(lambda: d.log_text().rstrip().endswith("free > 5033164, stop ksm"), 20, what="the last config in force")
         assert d.alive()
-        assert "Traceback" not in d.stderr() and "reload failed" not in d.stderr()
+        assert "Traceback" not in d.stderr_text() and "reload failed" not in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -563,7 +563,7 @@ def test_sigterm_in_the_middle_of_an_adjust(tmp_path):
         assert d.ticks() == ticks + 1
         assert d.knob("run") == "1" and d.knob("pages_to_scan") == "300"
         assert not d.pidfile.exists()
-        assert "Traceback" not in d.stderr()
+        assert "Traceback" not in d.stderr_text()
 
 
 # --- kill -9 and restarts, two daemons ----------------------------------------------------
@@ -604,14 +604,14 @@ def _kill_9_rounds(tmp_path: Path, rounds: int, sysfs: Path, allowed_pages: set[
         d.proc.wait()
         bad = _knob_problems(sysfs, allowed_pages | ({""} if empty_ok else set()), allowed_sleep)
         assert not bad, f"round {i}: {bad}"
-        if d.state_file.exists():
-            doc = json.loads(d.state_file.read_text())  # whole: it parses
+        if d.state.exists():
+            doc = json.loads(d.state.read_text())  # whole: it parses
             assert doc["schema"] == 1 and doc["daemon"]["pid"] < 2**22
             state_checked += 1
     d = Daemon(base, interval_s=0.01, sysfs=sysfs, procfs=procfs).start(wait=False)
     with d:
         wait_until(lambda: read_text(d.pidfile).strip() == str(d.pid), what="the last restart's pid file")
-        d.wait_ticks(3)
+        d.wait_more(3)
         assert d.stop() == 0
         assert not d.pidfile.exists()
     leftovers = [p.name for p in base.iterdir() if p.name.startswith(".state.json.")]
@@ -643,7 +643,7 @@ def test_two_daemons_started_at_once_exactly_one_runs(tmp_path):
         base = tmp_path / str(i)
         a = Daemon(base, interval_s=0.05)
         b = Daemon(base, interval_s=0.05, sysfs=a.sysfs, procfs=a.procfs)
-        b.stderr_path = base / "stderr.b"
+        b.stderr = base / "stderr.b"
         a.start(wait=False)
         b.start(wait=False)
         try:
@@ -653,7 +653,7 @@ def test_two_daemons_started_at_once_exactly_one_runs(tmp_path):
             codes = [a.proc.poll(), b.proc.poll()]
             assert sorted(codes, key=str) == [4, None], codes
             loser, winner = (a, b) if codes[0] == 4 else (b, a)
-            assert "already runs" in loser.stderr()
+            assert "already runs" in loser.stderr_text()
             assert read_text(winner.pidfile).strip() == str(winner.pid)
             assert winner.stop() == 0
         finally:

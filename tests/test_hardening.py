@@ -67,7 +67,7 @@ time.sleep(60)
 @root
 def test_nobody_waiting_on_the_lock_cannot_keep_a_killed_daemon_from_restarting(world_readable_tmp):
     d = Daemon(world_readable_tmp / "d").start()
-    os.chmod(d.base, 0o755)
+    os.chmod(d.tmp, 0o755)
     waiter = nobody_python(WAITER, str(d.pidfile))
     try:
         assert waiter.stdout.readline() == "lock file: Permission denied\n"
@@ -78,7 +78,7 @@ def test_nobody_waiting_on_the_lock_cannot_keep_a_killed_daemon_from_restarting(
         assert d.pidfile.exists()
         again = Daemon(world_readable_tmp / "d2", pidfile=d.pidfile).start()  # ...and it no longer matters
         with again:
-            assert "another process holds a lock on the pid file" in again.stderr()  # said, not fatal
+            assert "another process holds a lock on the pid file" in again.stderr_text()  # said, not fatal
             assert again.pidfile.read_text() == f"{again.pid}\n"
             ticks = again.ticks()
             r = run(KSMTUNED + ["retune", "--pidfile", str(again.pidfile)])
@@ -118,7 +118,7 @@ time.sleep(60)
 @root
 def test_root_retune_never_signals_a_process_of_nobody_behind_a_reused_pid(world_readable_tmp):
     d = Daemon(world_readable_tmp / "d").start()
-    os.chmod(d.base, 0o755)
+    os.chmod(d.tmp, 0o755)
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
     impostor = nobody_python(IMPOSTOR, str(d.pidfile))
@@ -270,18 +270,18 @@ def test_check_config_and_the_daemon_refuse_a_config_that_is_no_regular_file(tmp
 def test_a_fifo_config_on_sighup_is_logged_and_the_daemon_still_stops_on_sigterm(tmp_path):
     d = Daemon(tmp_path).start()
     with d:
-        conf_text = d.config.read_text()
-        d.config.unlink()
-        _fifo(d.config)
+        conf_text = d.conf.read_text()
+        d.conf.unlink()
+        _fifo(d.conf)
         ticks = d.ticks()
         d.signal(signal.SIGHUP)
-        wait_until(lambda: "reload failed" in d.stderr(), what="the reload's error")
-        assert f"{d.config}: cannot read the config file: a FIFO, not a regular file" in d.stderr()
+        wait_until(lambda: "reload failed" in d.stderr_text(), what="the reload's error")
+        assert f"{d.conf}: cannot read the config file: a FIFO, not a regular file" in d.stderr_text()
         wait_until(lambda: d.ticks() > ticks, what="the tick after the reload")
         d.retune_and_wait()  # still adjusting, with the settings in force
         assert d.alive()
         assert d.stop() == 0  # and SIGTERM still stops it
-        assert "Traceback" not in d.stderr()
+        assert "Traceback" not in d.stderr_text()
         assert conf_text
 
 
@@ -311,7 +311,7 @@ def test_a_fifo_planted_as_pid_file_or_state_file_hangs_no_command(world_readabl
     d = Daemon(world_readable_tmp / "d", pidfile=pidfile)
     d.start(wait=False)
     assert d.proc.wait(20) == 1
-    assert d.stderr() == f"ksmtuned: {pidfile}: refusing a pid file that is not a regular file owned by us " \
+    assert d.stderr_text() == f"ksmtuned: {pidfile}: refusing a pid file that is not a regular file owned by us " \
                          "with one link\n"
 
 
@@ -473,16 +473,16 @@ def test_the_daemon_refuses_a_spinning_interval_and_a_log_in_the_kernel_at_start
     d = Daemon(tmp_path, conf=f"DEBUG=1\n{line}\n")
     d.start(wait=False)
     assert d.proc.wait(20) == 78
-    assert d.stderr().startswith(f"ksmtuned: {d.config}:2: {said}") and len(d.stderr().splitlines()) == 1
+    assert d.stderr_text().startswith(f"ksmtuned: {d.conf}:2: {said}") and len(d.stderr_text().splitlines()) == 1
 
 
 def test_a_logfile_behind_a_link_into_proc_is_refused_at_open_and_the_daemon_goes_on(tmp_path):
     (tmp_path / "logs").symlink_to("/proc")
     d = Daemon(tmp_path, logfile=tmp_path / "logs" / "sysrq-trigger").start(wait=False)
     with d:
-        wait_until(lambda: "cannot write debug log" in d.stderr(), what="the refusal")
-        assert "under /proc or /sys" in d.stderr()
-        wait_until(lambda: d.state_file.exists(), what="the first adjust")
+        wait_until(lambda: "cannot write debug log" in d.stderr_text(), what="the refusal")
+        assert "under /proc or /sys" in d.stderr_text()
+        wait_until(lambda: d.state.exists(), what="the first adjust")
         assert d.alive() and d.stop() == 0
 
 
@@ -547,7 +547,7 @@ def test_stalled_and_slowloris_clients_of_nobody_neither_grow_the_daemon_nor_blo
                              f"KSM_METRICS_LISTEN={port}\n").start()
     with d:
         _scrape(port)
-        d.wait_ticks(3)
+        d.wait_more(3)
         before = _rss_kib(d.pid)
         n = 60
         attacker = nobody_python(STALLERS, str(port), str(n), "9")
@@ -615,8 +615,8 @@ def test_state_file_strings_are_shown_escaped_by_status(tmp_path):
 
     d = Daemon(tmp_path / "d").start()
     with d:
-        wait_until(d.state_file.exists, what="the state file")
-        state = json.loads(d.state_file.read_text())
+        wait_until(d.state.exists, what="the state file")
+        state = json.loads(d.state.read_text())
         state.update(reason=EVIL, error=EVIL, decision=None)
         state["daemon"]["config_file"] = EVIL
         odd = tmp_path / "state.json"

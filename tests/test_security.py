@@ -172,10 +172,10 @@ def test_config_symlink_planted_by_another_user_is_refused(tmp_path, sticky_dir)
 def test_reload_of_a_config_made_writable_keeps_the_settings(tmp_path):
     d = Daemon(tmp_path, interval_s=3600).start()
     with d:
-        d.config.chmod(0o666)
+        d.conf.chmod(0o666)
         d.signal(__import__("signal").SIGHUP)
-        wait_until(lambda: "reload failed" in d.stderr(), what="the reload refused")
-        assert "chmod go-w" in d.stderr()
+        wait_until(lambda: "reload failed" in d.stderr_text(), what="the reload refused")
+        assert "chmod go-w" in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -231,7 +231,7 @@ def test_pid_file_through_a_planted_link_is_refused(tmp_path, sticky_dir, kind):
     d = Daemon(tmp_path / "d", pidfile=pidfile)
     d.start(wait=False)
     code = d.proc.wait(15)
-    err = d.stderr()
+    err = d.stderr_text()
     assert code != 0 and "Traceback" not in err
     assert f"{pidfile}: refusing a pid file" in err, err
     assert target.read_bytes() == content and target.stat().st_nlink == (2 if kind == "hardlink" else 1)
@@ -255,7 +255,7 @@ def test_log_file_through_a_planted_link_is_refused_and_the_daemon_carries_on(tm
 
     d.start(wait=False)
     with d:
-        wait_until(lambda: "cannot write debug log" in d.stderr(), what="the warning")
+        wait_until(lambda: "cannot write debug log" in d.stderr_text(), what="the warning")
         # it carries on: a change of pressure still reaches sysfs
         write_atomic(d.meminfo, BOOST)
         wait_until(lambda: d.knob("run") == "1", what="a tick")
@@ -263,7 +263,7 @@ def test_log_file_through_a_planted_link_is_refused_and_the_daemon_carries_on(tm
         assert target.read_bytes() == content
         if kind == "nobody's file":
             assert log.read_text() == "1\n"
-        err = d.stderr()
+        err = d.stderr_text()
         assert err.count("cannot write debug log") == 1 and "Traceback" not in err
         assert d.stop() == 0
 
@@ -277,12 +277,12 @@ def test_state_file_through_a_planted_link_leaves_the_target_alone(tmp_path, sti
     _plant(kind, target, state)
     d = Daemon(tmp_path / "d", interval_s=0.02, extra_args=["--state-file", str(state)]).start()
     with d:
-        d.wait_ticks(3)
+        d.wait_more(3)
         wait_until(lambda: not state.is_symlink() and state.stat().st_ino != target.stat().st_ino,
                    what="the link replaced by the daemon's own file")
         assert state.stat().st_uid == 0 and state.stat().st_nlink == 1
         assert target.read_bytes() == content
-        assert "Traceback" not in d.stderr()
+        assert "Traceback" not in d.stderr_text()
         assert d.stop() == 0
 
 
@@ -402,8 +402,8 @@ def test_metrics_server_binds_loopback_only_for_a_bare_port(tmp_path):
     pytest.importorskip("prometheus_client")
     port = _free_port()
     d = Daemon(tmp_path, interval_s=0.05)
-    write_atomic(d.config, f"KSM_MONITOR_INTERVAL=0.05\nKSM_METRICS_LISTEN={port}\n")
-    d.logfile = None
+    write_atomic(d.conf, f"KSM_MONITOR_INTERVAL=0.05\nKSM_METRICS_LISTEN={port}\n")
+    d.log = None
     d.start(wait=False)
     with d:
         listening = wait_until(lambda: _listening(d.pid), what="the metrics socket")
@@ -447,7 +447,7 @@ def test_another_tuner_is_refused_by_name_unless_force(tmp_path, kind):
         d = Daemon(tmp_path / "d", force=False, procfs=None)  # the real process table
         d.start(wait=False)
         assert d.proc.wait(15) == 4
-        assert f"{name} (pid {other.pid})" in d.stderr() and "--force" in d.stderr(), d.stderr()
+        assert f"{name} (pid {other.pid})" in d.stderr_text() and "--force" in d.stderr_text(), d.stderr_text()
         assert d.ticks() == 0 and d.knob("run") == "0"
         forced = Daemon(tmp_path / "f", force=True, procfs=None).start()
         with forced:
@@ -478,8 +478,8 @@ def test_a_user_naming_a_process_momd_cannot_stop_ksmtuned_from_starting(tmp_pat
             d.start(wait=False)
             try:
                 wait_until(lambda: d.ticks() >= 1 or d.proc.poll() is not None, 15, what="start or exit")
-                named = [f"(pid {p.pid})" for p in fakes if f"(pid {p.pid})" in d.stderr()]
-                assert not named, d.stderr()
+                named = [f"(pid {p.pid})" for p in fakes if f"(pid {p.pid})" in d.stderr_text()]
+                assert not named, d.stderr_text()
             finally:
                 d.kill()
         finally:
