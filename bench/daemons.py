@@ -159,14 +159,15 @@ class Ours(Daemon):
     kind = "ours"
 
     def start(self) -> None:
-        argv = common.ours_argv("--foreground", "--force", "--config", str(self.conf), "--pidfile",
-                                str(self.pidfile))
-        argv += ["--state-file", str(self.state_file)]  # never the shared default /run/ksmtuned/state.json
-        if self.fake_ksm:
-            argv += ["--sysfs", str(self.ksm_dir)]
-        self.proc = subprocess.Popen(argv, cwd=common.REPO, env=dict(common.DAEMON_ENV),
-                                     stdin=subprocess.DEVNULL, stdout=self.output, stderr=subprocess.STDOUT,
-                                     preexec_fn=self.cgroup.preexec)
+        # the one daemon wrapper (tests/fakes/daemon.py), in this daemon's cgroup, its output ours
+        from tests.fakes.daemon import DaemonProc
+
+        self.daemon = DaemonProc(self.dir, common.read_text(self.conf), debug_log=False,
+                                 sysfs=self.ksm_dir, log=self.logfile,
+                                 pidfile=self.pidfile, state=self.state_file,
+                                 popen_kw={"env": dict(common.DAEMON_ENV), "stdout": self.output,
+                                           "stderr": subprocess.STDOUT, "preexec_fn": self.cgroup.preexec})
+        self.proc = self.daemon.start(wait_ticks=0).proc
         self.pid = self.proc.pid
         # ready: the startup adjust has been made and the loop waits for signals
         common.wait_for(lambda: self.proc.poll() is not None or self._waiting(), 30, 0.01)

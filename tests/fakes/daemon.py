@@ -82,8 +82,9 @@ class DaemonProc:
         """Start; wait until ``wait_ticks`` ticks are in the debug log (``wait=False``: none)."""
         self._err = open(self.stderr, "a")
         with open(self.stdout, "ab") as out:
-            self.proc = subprocess.Popen(self.daemon_argv(), stdin=subprocess.DEVNULL, stdout=out, stderr=self._err,
-                                         cwd=self.cwd, **self.popen_kw)
+            kw = {"stdin": subprocess.DEVNULL, "stdout": out, "stderr": self._err, "cwd": self.cwd}
+            kw.update(self.popen_kw)  # a benchmark's own output file, environment, cgroup
+            self.proc = subprocess.Popen(self.daemon_argv(), **kw)
         if wait is False:
             wait_ticks = 0
         if wait_ticks:
