@@ -129,12 +129,8 @@ class FakeHost:
         os.replace(tmp, path)
 
     def start(self) -> "FakeHost":
-        d = self.daemon
-        d.proc = subprocess.Popen(
-            [*d.cli()[:3], "--foreground", "--force", "--config", str(d.conf), "--sysfs", str(d.sysfs),
-             "--procfs", str(self.procfs), "--pidfile", str(d.pidfile), "--state-file", str(d.state)],
-            stdout=subprocess.DEVNULL, stderr=open(d.stderr, "a"), cwd=REPO)
-        d.wait_adjusts(1)
+        self.daemon.procfs = self.procfs
+        self.daemon.start()  # and its first adjust in the state file
         return self
 
     def stop(self) -> None:
