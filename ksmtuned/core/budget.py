@@ -48,6 +48,11 @@ STEADY_COST_WINDOW_S = 300.0
 #: Steady mode also watches ksmd's CPU itself over about this long, and cuts the batch when
 #: it runs over the budget (the cost estimate lags when the content changes under it).
 STEADY_CPU_WINDOW_S = 60.0
+#: ...and a correction that integrates the overshoot over that window keeps it down when the
+#: cost estimate stays low (smart scan's skipped pages make a counted visit dearer pass after
+#: pass, and a five-minute average of the cost lags that); it never speeds ksmd up past 1.
+MIN_STEADY_CORRECTION = 0.05
+STEADY_DEAD_BAND = 0.05
 #: Churn: the weight of one tick in the moving average is dt / CHURN_WINDOW_S.
 CHURN_WINDOW_S = 60.0
 #: The churn factor never lowers the steady budget below this fraction of it.
@@ -190,6 +195,7 @@ class BudgetState:
     steady_acc: Tuple[float, float] = (0.0, 0.0)
     burst_acc: Tuple[float, float] = (0.0, 0.0)
     steady_cpu_avg_pct: Optional[float] = None  # ksmd's CPU in steady mode, a moving average
+    steady_correction: float = 1.0  # steady batches are scaled by this (the loop's integral term)
     unvisited_floor: int = 0  # unvisited pages that are not news (left after the last burst)
     cpu_pct: Optional[float] = None  # ksmd's CPU over the last tick, % of one core
     bucket_cpu_s: Optional[float] = None  # None: full
@@ -293,6 +299,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
         steady_avg = cpu_pct if steady_avg is None else (1 - w) * steady_avg + w * cpu_pct
     new["steady_cpu_avg_pct"] = steady_avg
+    correction = state.steady_correction
 
     # the burst bucket: refilled over time, charged with ksmd's CPU while bursting
     bucket = _bucket(state, s)
@@ -459,6 +466,12 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         eta = passes_left * est_pass_pages / rate
     else:
         target = s.steady_pct * churn_factor
+        if (measured_in is Mode.STEADY and steady_avg is not None and dt is not None and steady_avg > 0
+                and abs(math.log(target / steady_avg)) > math.log(1 + STEADY_DEAD_BAND)):
+            # integral: log(correction) moves by log(target / measured) per window, outside a
+            # dead band (the measured CPU wobbles by a few percent: that rewrites nothing)
+            w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
+            correction = _clamp(correction * (target / steady_avg) ** w, MIN_STEADY_CORRECTION, 1.0)
         sleep_ms = s.steady_sleep_ms
         cost = costs[Mode.STEADY]
         cycle_s = sleep_wall_s(sleep_ms, s.hz)
@@ -470,11 +483,13 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
             reason = f"{reason}; {reason_cap}" if reason else reason_cap
         target_expected = min(target, rate * cost / 1e7)  # the CPU it is expected to cost, %
         if steady_avg is not None and steady_avg > target:
-            rate *= max(0.25, target / steady_avg)
+            rate *= max(0.25, target / steady_avg)  # proportional: at once
+        rate *= correction
         target = target_expected
         pages = int(_clamp(rate * cycle_s, MIN_BATCH_PAGES, MAX_BATCH_PAGES))
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.STEADY else None)
         next_tick = s.steady_tick_s
+    new["steady_correction"] = correction
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
     decision = BudgetDecision(
