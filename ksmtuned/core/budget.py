@@ -299,7 +299,6 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         w = _clamp(dt / STEADY_CPU_WINDOW_S, 0.0, 1.0)
         steady_avg = cpu_pct if steady_avg is None else (1 - w) * steady_avg + w * cpu_pct
     new["steady_cpu_avg_pct"] = steady_avg
-    correction = state.steady_correction
 
     # the burst bucket: refilled over time, charged with ksmd's CPU while bursting
     bucket = _bucket(state, s)
@@ -445,6 +444,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
 
     # --- how hard ------------------------------------------------------------------------------
     est_pass_pages = max(pass_pages or 0, sample.tracked_pages + unvisited, 1)
+    correction = state.steady_correction  # moved only in steady mode, below
     eta = None
     cost = costs[Mode.STEADY]
     if mode is Mode.OFF:
