@@ -373,11 +373,14 @@ class Host:
 
 
 class Churner:
-    """Rewrites ``per_s`` random pages of a process each second: with new unique data, or
-    (``same=True``) with the data they held, so ksmd merges them again and they break again."""
+    """Rewrites ``per_s`` random pages of a process each second (of its first ``pool`` pages):
+    with new unique data, or (``same=True``) with the data they held, so ksmd merges them
+    again and they break again."""
 
-    def __init__(self, host: Host, proc: Proc, per_s: float, seed: int = 7, same: bool = False):
+    def __init__(self, host: Host, proc: Proc, per_s: float, seed: int = 7, same: bool = False,
+                 pool: Optional[int] = None):
         self.host, self.proc, self.per_s, self.same = host, proc, per_s, same
+        self.pool = proc.pages if pool is None else min(pool, proc.pages)  # the first `pool` pages
         self.rng = random.Random(seed)
         self._owed = 0.0
 
@@ -386,7 +389,7 @@ class Churner:
         n = int(self._owed)
         self._owed -= n
         for _ in range(n):
-            i = self.rng.randrange(self.proc.pages)
+            i = self.rng.randrange(self.pool)
             self.host.ksmd.rewrite(self.proc, i, self.proc.content[i] if self.same else unique_id())
 
 

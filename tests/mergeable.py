@@ -1,15 +1,19 @@
 """A process holding N MiB of private anonymous memory opted in to KSM, every page identical.
 
-Run as `python -m tests.mergeable MIB [plain]`; prints "ready" once the memory is touched and
-marked.  With `plain` the memory is never opted in (ksm_stat: ksm_mergeable: no): a process
-that only looks like a guest.
+Run as `python -m tests.mergeable MIB [plain | churn]`; prints "ready" once the memory is
+touched and marked.  With `plain` the memory is never opted in (ksm_stat: ksm_mergeable: no): a
+process that only looks like a guest.  With `churn` it then keeps rewriting it: each second a
+new 5 % slice gets random data (merged pages broken: cow_ksm) and the previous slice its old
+content back (mergeable again), so each page is rewritten every 20 s and is otherwise left alone.
 Python's mmap.mmap(-1, n) is MAP_SHARED, which KSM never merges (KSM.md section 1): ask for
 MAP_PRIVATE | MAP_ANONYMOUS explicitly.
 """
 
 import mmap
+import os
 import signal
 import sys
+import time
 
 PAGE = mmap.PAGESIZE
 
@@ -23,7 +27,24 @@ def main() -> None:
     if sys.argv[2:] != ["plain"]:
         m.madvise(mmap.MADV_MERGEABLE)
     print("ready", flush=True)
+    if sys.argv[2:] == ["churn"]:
+        churn(m, size // PAGE, page)
     signal.pause()
+
+
+def churn(m: mmap.mmap, n: int, page: bytes, frac: float = 0.05, period_s: float = 1.0) -> None:
+    k = max(1, int(n * frac))
+    pos, prev = 0, []
+    while True:
+        t = time.monotonic()
+        for i in prev:
+            m[i * PAGE : (i + 1) * PAGE] = page
+        prev = [(pos + j) % n for j in range(k)]
+        junk = os.urandom(k * PAGE)
+        for j, i in enumerate(prev):
+            m[i * PAGE : (i + 1) * PAGE] = junk[j * PAGE : (j + 1) * PAGE]
+        pos = (pos + k) % n
+        time.sleep(max(0.0, period_s - (time.monotonic() - t)))
 
 
 if __name__ == "__main__":

@@ -148,3 +148,53 @@ def test_budget_merges_real_guests_then_ksmd_goes_quiet(real_ksm, tmp_path):
     # zero-filled preallocated RAM: all but a few pages of 3 x 256 MiB merge
     t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:-name bg[0-9]", work, 3 * mib * 256)
     assert steady <= STEADY_BOUND_PCT
+
+
+@pytest.mark.root
+@pytest.mark.ksm
+@pytest.mark.slow
+def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
+    """A process rewriting a moving 5 % of its 64 MiB each second (each page every 20 s, then left
+    with its old content): the steady passes (one per KSM_BUDGET_MIN_PASS, 20 s here to keep the
+    test short) see merged pages broken and merged again; a trial of faster passes finds that
+    the re-merges outlast a pass (the rate of breaks barely grows), and the law holds them: a
+    faster steady rate, ksmd within KSM_BUDGET_CHURN_PCT, the state file and metrics say so."""
+    state = tmp_path / "state.json"
+    prom = tmp_path / "metrics.prom"
+    with ExitStack() as stack:
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\nKSM_BUDGET_MIN_PASS=20\n"
+                       f"KSM_METRICS_TEXTFILE={prom}\n", sysfs=real_ksm, extra=["--state-file", str(state)])
+        stack.callback(d.stop)
+        d.start()
+        wait_mode(state, "steady", 10)
+        start_mergeable(stack, 64, "churn")
+        wait_mode(state, "burst", 10)
+        wait_mode(state, "steady", 30)
+        deadline = time.monotonic() + 300  # two slow passes (20 s or more), a minute measured, the 40-s trial
+        seen, b, batches, trial_t = [], {}, [], None
+        while time.monotonic() < deadline:
+            batches.append((time.monotonic(), read(real_ksm, "pages_to_scan")))
+            try:
+                b = json.loads(state.read_text()).get("budget") or {}
+            except (OSError, ValueError):
+                b = {}
+            if b.get("churn_hold") and b["churn_hold"] not in seen:
+                seen.append(b["churn_hold"])
+                trial_t = trial_t or time.monotonic()
+            if b.get("churn_hold") == "hold":
+                break
+            time.sleep(0.5)
+        assert seen == ["trial", "hold"], (seen, b)
+        assert "holding churn" in b["reason"], b
+        assert b["cow_ksm_per_s"] and b["cow_ksm_per_s"] > 100, b  # ~800 pages/s are rewritten
+        time.sleep(11)  # the first tick in hold has sized its batch
+        held_pages = read(real_ksm, "pages_to_scan")
+        # the slow passes' batch: read well before the state file showed the trial (sysfs is
+        # written first, the state after)
+        slow_pages = [n for t, n in batches if t < trial_t - 2.0][-1]
+        assert held_pages >= 3 * slow_pages, (held_pages, slow_pages)
+        pct = ksmd_pct(20.0)
+        assert pct <= 1.0 + STEADY_BOUND_PCT, pct  # KSM_BUDGET_CHURN_PCT=1 and room for the machine
+        text = prom.read_text()
+        assert 'ksmtuned_budget_churn_hold{state="hold"} 1.0' in text, text[-2000:]
+        print(f"held: {held_pages} pages/s against {slow_pages} slow, ksmd {pct:.3f} %; {b['reason']}")

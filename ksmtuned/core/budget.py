@@ -13,7 +13,9 @@ Two modes:
   (false) triggers can spend.
 - **steady** otherwise: long sleeps, batches sized by a closed loop on ksmd's measured
   CPU (its schedstat) to stay within ``steady_pct`` of one core, lowered under churn, and
-  never faster than one full pass per ``min_pass_s``.
+  never faster than one full pass per ``min_pass_s``.  Churn whose pages merge again and
+  then stay merged a while is *held* instead (within ``churn_pct``), once a trial of faster
+  passes shows that the re-merges last: see :data:`HOLD_MAX_GROWTH`.
 
 Inputs are one :class:`KsmSample` (counters read this tick, the time given by the caller)
 and the previous :class:`BudgetState`; :func:`step` returns a :class:`BudgetDecision` and
@@ -66,6 +68,25 @@ MIN_GAIN_PAGES = 256
 SMART_SCAN_PASSES = 9
 #: Pass marks kept to measure the gain over the last SMART_SCAN_PASSES passes.
 MAX_PASS_MARKS = 32
+#: Holding churn.  Pages rewritten and then left alone (a guest rewriting a buffer that goes
+#: back to common content) merge again at ksmd's next visit and stay merged until the next
+#: rewrite; with one pass per min_pass_s they are unmerged most of the time.  When steady mode
+#: sees re-mergeable churn (churn ratio >= HOLD_MIN_CHURN, at least `small` pages broken per
+#: min_pass_s, measured over CHURN_WINDOW_S), it tries faster passes for HOLD_TRIAL_S and
+#: compares the rate at which merges break: if a re-merge only lasts until the next visit, that
+#: rate grows with the scan rate and nothing is held (back off, retried after HOLD_RETRY_S,
+#: doubling); if it grew by at most HOLD_MAX_GROWTH of the speed-up, re-merges outlive passes
+#: and the policy holds them: one pass per the time in which pages waiting to be merged again
+#: stay under HOLD_LOSS of the pages saved (a broken page waits half a pass on average).
+HOLD_MIN_CHURN = 0.25
+HOLD_TRIAL_S = 40.0
+HOLD_SETTLE_S = 10.0  # the trial's first seconds (its cost measured, ksmd at the new rate) not counted
+HOLD_MAX_GROWTH = 0.5
+HOLD_MIN_SPEEDUP = 2.0
+HOLD_LOSS = 0.015
+HOLD_MIN_PASS_S = 1.0
+HOLD_RETRY_S = 600.0
+HOLD_RATE_WINDOW_S = 30.0  # holding: the break rate's moving average (it sets the pass time)
 
 
 #: The kinds of trigger, as the metrics label them (the reason text has the details).
@@ -97,6 +118,7 @@ class BudgetSettings:
     burst_sleep_ms: int = 20  # ksmd's sleep while bursting (batches sized around it)
     steady_sleep_ms: int = 1000  # ksmd's sleep in steady mode: few wake-ups (35 us each)
     min_pass_s: float = 200.0  # steady: merged memory re-scanned at most once per this
+    churn_pct: float = 1.0  # steady, holding re-mergeable churn merged: ksmd's CPU ceiling (0: never)
     growth_kib: int = 32 * 1024  # a guest grown by this much is a trigger
     bucket_cpu_s: float = 30.0  # burst CPU-seconds that may be spent at once
     bucket_refill_pct: float = 1.0  # ...refilled at this % of one core
@@ -207,6 +229,22 @@ class BudgetState:
     fruitless: int = 0  # bursts in a row that gained next to nothing
     holdoff_until_s: float = 0.0  # until then only a new guest starts a burst
     steady_reason: str = "nothing new to merge"
+    # holding churn: "" (not), "trial" (faster passes, measuring), "hold"
+    hold: str = ""
+    hold_since_s: float = 0.0  # the trial's start
+    hold_measure_s: float = 0.0  # ...and of its measurement, with cow_ksm then
+    hold_cow0: int = 0
+    hold_cow_rate: Optional[float] = None  # merges broken per second while holding
+    hold_rate: Optional[float] = None  # pages per second the trial asked for
+    # steady, not holding, since the last burst or hold: (time, cow_ksm, full_scans) at its
+    # first pass boundary; merges broken per second since then, over whole passes only (the
+    # pages a pass merges break all at once after it: a shorter window sees a spike or nothing)
+    slow_mark: Optional[Tuple[float, int, int]] = None
+    slow_cow_rate: Optional[float] = None
+    slow_rate: Optional[float] = None  # pages per second asked for then
+    hold_fruitless: int = 0  # trials in a row that held nothing
+    hold_off_until_s: float = 0.0
+    hold_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -225,6 +263,8 @@ class BudgetDecision:
     churn_factor: float
     bucket_cpu_s: float
     cost_ns_per_page: float
+    churn_hold: str = ""  # "", "trial" or "hold" (see HOLD_MAX_GROWTH)
+    cow_ksm_per_s: Optional[float] = None  # merged pages broken by writes per second, last tick
 
     def explain(self) -> str:
         cpu = "?" if self.cpu_pct is None else f"{self.cpu_pct:.2f}"
@@ -285,7 +325,9 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
     if (measured_in is not None and dt is not None and dcpu_ns is not None and last is not None and not reset
             and sample.pages_scanned is not None and last.pages_scanned is not None):
         dpages = max(0, sample.pages_scanned - last.pages_scanned)
-        keep = math.exp(-dt / (BURST_COST_WINDOW_S if measured_in is Mode.BURST else STEADY_COST_WINDOW_S))
+        # a churn trial follows its own cost at once, as a burst does: it is a tenth of the slow one
+        fast = measured_in is Mode.BURST or state.hold == "trial"
+        keep = math.exp(-dt / (BURST_COST_WINDOW_S if fast else STEADY_COST_WINDOW_S))
         cpu_acc, pages_acc = acc[measured_in]
         acc[measured_in] = (cpu_acc * keep + dcpu_ns, pages_acc * keep + dpages)
     costs = {}
@@ -321,6 +363,9 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
             churn = (1 - w) * churn + w * min(1.0, dcow / made)
     new["churn_ratio"] = churn
     churn_factor = _clamp(1.0 - churn, CHURN_FLOOR, 1.0)
+    cow_rate: Optional[float] = None
+    if dt is not None and last is not None and sample.cow_ksm is not None and last.cow_ksm is not None and not reset:
+        cow_rate = max(0, sample.cow_ksm - last.cow_ksm) / dt
 
     # pass boundaries: gain per pass, pages per pass
     mark_scans, mark_saved, mark_scanned = state.mark_full_scans, state.mark_saved, state.mark_pages_scanned
@@ -465,7 +510,10 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         passes_left = max(1, min_passes - (sample.full_scans - trig_scans))
         eta = passes_left * est_pass_pages / rate
     else:
-        target = s.steady_pct * churn_factor
+        hold, hold_text, steady_avg, correction = _hold(sample, state, s, new, dt, cow_rate, churn, steady_avg,
+                                                        correction)
+        holding = hold != ""
+        target = s.churn_pct if holding else s.steady_pct * churn_factor
         if (measured_in is Mode.STEADY and steady_avg is not None and dt is not None and steady_avg > 0
                 and abs(math.log(target / steady_avg)) > math.log(1 + STEADY_DEAD_BAND)):
             # integral: log(correction) moves by log(target / measured) per window, outside a
@@ -476,19 +524,30 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         cost = costs[Mode.STEADY]
         cycle_s = sleep_wall_s(sleep_ms, s.hz)
         budget_rate = target / 100.0 * 1e9 / cost  # pages per second the CPU budget pays for
-        cap_rate = est_pass_pages / s.min_pass_s  # merged memory re-scanned at most this often
+        pass_s = s.min_pass_s
+        if hold == "trial":
+            pass_s = min(s.min_pass_s, HOLD_MIN_PASS_S)
+        elif hold == "hold":
+            pass_s = hold_pass_s(sample.saved_pages, new["hold_cow_rate"], s)
+        cap_rate = est_pass_pages / pass_s  # merged memory re-scanned at most this often
         rate = min(budget_rate, cap_rate)
+        if hold_text:
+            reason = f"{reason}; {hold_text}" if reason else hold_text
         if cap_rate < budget_rate:
-            reason_cap = f"capped at one pass per {s.min_pass_s:.0f} s"
+            reason_cap = f"capped at one pass per {pass_s:.1f} s" if holding else \
+                f"capped at one pass per {pass_s:.0f} s"
             reason = f"{reason}; {reason_cap}" if reason else reason_cap
         target_expected = min(target, rate * cost / 1e7)  # the CPU it is expected to cost, %
         if steady_avg is not None and steady_avg > target:
             rate *= max(0.25, target / steady_avg)  # proportional: at once
         rate *= correction
+        new["hold_rate" if holding else "slow_rate"] = rate
         target = target_expected
         pages = int(_clamp(rate * cycle_s, MIN_BATCH_PAGES, MAX_BATCH_PAGES))
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.STEADY else None)
         next_tick = s.steady_tick_s
+    if mode is not Mode.STEADY:
+        new.update(hold="", slow_mark=None, slow_cow_rate=None, hold_reason="")
     new["steady_correction"] = correction
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
@@ -497,8 +556,82 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
         to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,
+        churn_hold=new.get("hold", state.hold) if mode is Mode.STEADY else "", cow_ksm_per_s=cow_rate,
     )
     return decision, replace(state, **new)
+
+
+def hold_pass_s(saved_pages: int, cow_rate: Optional[float], s: BudgetSettings) -> float:
+    """Holding churn: one pass per this long keeps the pages waiting to be merged again (a
+    broken page waits half a pass on average: cow_rate * pass / 2) under HOLD_LOSS of those
+    saved; never faster than HOLD_MIN_PASS_S, never slower than min_pass_s."""
+    if not cow_rate or cow_rate <= 0:
+        return s.min_pass_s
+    return _clamp(2.0 * HOLD_LOSS * max(1, saved_pages) / cow_rate, min(HOLD_MIN_PASS_S, s.min_pass_s), s.min_pass_s)
+
+
+def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[str, Any], dt: Optional[float],
+          cow_rate: Optional[float], churn: float, steady_avg: Optional[float],
+          correction: float) -> Tuple[str, str, Optional[float], float]:
+    """Steady mode's churn hold (see HOLD_MAX_GROWTH): the hold state after this tick, its
+    words for the reason, and the steady CPU average and correction (both start afresh when
+    holding starts or stops: the regimes' costs differ tenfold).  Fills `new`'s hold fields."""
+    was_steady = state.mode is Mode.STEADY
+    hold = state.hold if was_steady else ""
+    slow_mark = state.slow_mark if was_steady else None
+    slow_cow = state.slow_cow_rate if was_steady else None
+    cow_hold, since, cow0, measure = state.hold_cow_rate, state.hold_since_s, state.hold_cow0, state.hold_measure_s
+    fruitless, off_until, text = state.hold_fruitless, state.hold_off_until_s, state.hold_reason
+    small = max(MIN_GAIN_PAGES, sample.tracked_pages // 1000)
+    start = stop = False
+    last = state.last
+    if hold == "" and was_steady and sample.cow_ksm is not None and last is not None:
+        if slow_mark is None or sample.full_scans < slow_mark[2]:  # none yet, or run=2 reset the counters
+            slow_mark, slow_cow = None, None
+            if sample.full_scans > last.full_scans:
+                slow_mark = (sample.time_s, sample.cow_ksm, sample.full_scans)
+        elif sample.full_scans > last.full_scans and sample.time_s - slow_mark[0] >= CHURN_WINDOW_S:
+            slow_cow = max(0, sample.cow_ksm - slow_mark[1]) / (sample.time_s - slow_mark[0])
+    if hold == "":
+        if (s.churn_pct > 0 and sample.cow_ksm is not None and slow_cow is not None
+                and churn >= HOLD_MIN_CHURN and slow_cow * s.min_pass_s >= small and sample.time_s >= off_until):
+            hold, since, measure, cow0, start = "trial", sample.time_s, math.inf, sample.cow_ksm, True
+            text = f"churn: {slow_cow:.0f} merged pages/s broken, trying faster passes"
+        elif text and (not text.startswith("churn not held") or sample.time_s >= off_until):
+            text = ""
+    elif hold == "trial" and sample.cow_ksm is not None:
+        if measure == math.inf and sample.time_s - since >= HOLD_SETTLE_S:
+            measure, cow0 = sample.time_s, sample.cow_ksm
+        elif measure < sample.time_s and sample.time_s - since >= HOLD_TRIAL_S:
+            r = max(0, sample.cow_ksm - cow0) / (sample.time_s - measure)
+            growth = r / max(slow_cow or 0.0, 1e-9)
+            speedup = (state.hold_rate or 0.0) / max(state.slow_rate or 0.0, 1e-9)
+            if speedup >= HOLD_MIN_SPEEDUP and growth <= HOLD_MAX_GROWTH * speedup:
+                hold, cow_hold, fruitless = "hold", r, 0
+                text = (f"holding churn: {r:.0f} merged pages/s broken, {growth:.1f}x for "
+                        f"{speedup:.0f}x the passes: re-merges outlive passes")
+            else:
+                fruitless += 1
+                retry_s = min(s.max_holdoff_s, HOLD_RETRY_S * 2 ** (fruitless - 1))
+                off_until, stop = sample.time_s + retry_s, True
+                why = (f"re-merges grew {growth:.1f}x with {speedup:.1f}x the passes" if speedup >= HOLD_MIN_SPEEDUP
+                       else f"the churn budget buys only {speedup:.1f}x the passes")
+                text = f"churn not held: {why}; tried again in {retry_s:.0f} s"
+    elif hold == "hold" and dt is not None and cow_rate is not None:
+        w = _clamp(dt / HOLD_RATE_WINDOW_S, 0.0, 1.0)
+        cow_hold = cow_rate if cow_hold is None else (1 - w) * cow_hold + w * cow_rate
+        if hold_pass_s(sample.saved_pages, cow_hold, s) >= s.min_pass_s:
+            stop, text = True, "churn over: the slow passes lose next to nothing now"
+        else:
+            text = f"holding churn: {cow_hold:.0f} merged pages/s broken"
+    if stop:
+        hold, slow_mark, slow_cow, cow_hold = "", None, None, None
+    if start or stop:
+        steady_avg, correction = None, 1.0
+    new.update(hold=hold, hold_since_s=since, hold_measure_s=measure, hold_cow0=cow0, hold_cow_rate=cow_hold, slow_mark=slow_mark,
+               slow_cow_rate=slow_cow, hold_fruitless=fruitless, hold_off_until_s=off_until, hold_reason=text,
+               steady_cpu_avg_pct=steady_avg)
+    return hold, text, steady_avg, correction
 
 
 def steady_start(s: BudgetSettings) -> tuple[int, int]:

@@ -303,6 +303,10 @@ class Settings(BaseModel):
     budget_min_pass_s: BashNumber = setting(
         "KSM_BUDGET_MIN_PASS", 200.0, gt=0, le=86400, unit="seconds", range_text="> 0, <= 86400",
         meaning="budget: merged memory is re-scanned at most once per this")
+    budget_churn_pct: BashNumber = setting(
+        "KSM_BUDGET_CHURN_PCT", 1.0, ge=0, le=100, unit="% of one core", range_text=">= 0, <= 100",
+        meaning="budget: ksmd's CPU ceiling while it holds churning pages merged that merge again and stay merged; "
+                "0: never hold them")
     budget_watch_s: BashNumber = setting(
         "KSM_BUDGET_WATCH", 0.5, ge=0.1, le=3600, unit="seconds", range_text="0.1 - 3600",
         meaning="budget: how often new guests and grown ones are looked for")
@@ -348,7 +352,8 @@ class Settings(BaseModel):
     def budget(self, hz: Optional[int] = None) -> BudgetSettings:
         """The budget law's knobs (hz: the kernel's CONFIG_HZ, where known)."""
         return BudgetSettings(burst_pct=self.budget_burst_pct, steady_pct=self.budget_steady_pct,
-                              min_pass_s=self.budget_min_pass_s, watch_s=self.budget_watch_s,
+                              min_pass_s=self.budget_min_pass_s, churn_pct=self.budget_churn_pct,
+                              watch_s=self.budget_watch_s,
                               **({"hz": hz} if hz else {}))
 
     def tuning(self) -> Tuning:

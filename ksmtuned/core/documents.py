@@ -123,6 +123,9 @@ class StateBudget(Part):
     churn_factor: float = Field(description="share of the steady budget left under churn (1: none)")
     burst_bucket_cpu_s: float = Field(description="burst CPU-seconds left in the bucket")
     cost_ns_per_page: float = Field(description="ksmd's measured CPU per page visit, ns")
+    churn_hold: Literal["", "trial", "hold"] = Field("", description="steady: holding churning pages merged "
+                                                                     "(hold), trying whether it pays (trial), or not")
+    cow_ksm_per_s: Optional[float] = Field(None, description="merged pages broken by writes per second, last tick")
 
 
 class StateHistory(Part):

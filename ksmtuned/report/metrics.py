@@ -120,12 +120,16 @@ def rows(d: TickData, version: str) -> list[Family]:
         add(("ksmtuned_budget_mode", "gauge",
              "The budget policy's mode (value 1): burst, steady or off, and a burst's trigger kind",
              ("mode", "trigger"), [((b["mode"], b.get("trigger") or ""), 1)]))
+        add(("ksmtuned_budget_churn_hold", "gauge",
+             "Steady mode holding churning pages merged (value 1): hold, trial, or none",
+             ("state",), [((b.get("churn_hold") or "none",), 1)]))
         for metric, key, help_text, scale in (
             ("ksmtuned_budget_ksmd_cpu_ratio", "ksmd_cpu_pct", "ksmd's CPU over the last budget tick, share of one core", 0.01),
             ("ksmtuned_budget_target_cpu_ratio", "target_cpu_pct", "The ksmd CPU the budget aims at, share of one core", 0.01),
             ("ksmtuned_budget_unmerged_bytes", "unmerged_kib", "Estimate of memory that may still merge", 1024),
             ("ksmtuned_budget_eta_seconds", "eta_s", "Estimated time until the burst is done", 1),
             ("ksmtuned_budget_churn_factor", "churn_factor", "Share of the steady budget left under churn", 1),
+            ("ksmtuned_budget_cow_ksm_rate", "cow_ksm_per_s", "Merged pages broken by writes per second", 1),
             ("ksmtuned_budget_burst_bucket_cpu_seconds", "burst_bucket_cpu_s", "Burst CPU-seconds left in the bucket", 1),
         ):
             if isinstance(b.get(key), (int, float)):

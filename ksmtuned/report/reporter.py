@@ -48,6 +48,7 @@ def budget_dict(decision) -> Optional[Dict[str, Any]]:
         "unmerged_kib": decision.to_merge_kib, "eta_s": _round(decision.eta_s, 1),
         "churn_factor": round(decision.churn_factor, 3), "burst_bucket_cpu_s": round(decision.bucket_cpu_s, 3),
         "cost_ns_per_page": round(decision.cost_ns_per_page, 1),
+        "churn_hold": decision.churn_hold, "cow_ksm_per_s": _round(decision.cow_ksm_per_s, 1),
     }
 
 
