@@ -162,7 +162,7 @@ def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
     state = tmp_path / "state.json"
     prom = tmp_path / "metrics.prom"
     with ExitStack() as stack:
-        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\nKSM_BUDGET_MIN_PASS=20\n"
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\nKSM_BUDGET_MIN_PASS=20\nKSM_BUDGET_CHURN_PCT=1\n"
                        f"KSM_METRICS_TEXTFILE={prom}\n", sysfs=real_ksm, extra=["--state-file", str(state)])
         stack.callback(d.stop)
         d.start()

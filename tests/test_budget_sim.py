@@ -166,6 +166,10 @@ def test_nothing_to_merge_stays_cheap():
     print(f"unique only: burst {burst_cpu:.2f} CPU-s, steady {pct:.3f} %")
 
 
+#: the budget with churn holding on (KSM_BUDGET_CHURN_PCT=1), whatever the default
+HOLDING = replace(DEFAULTS, churn_pct=1.0)
+
+
 def churn_run(settings, per_s, same=True, pool=None, stop_s=None, until_s=630.0):
     """Three zero guests merged, then guest 0's pages rewritten from 30 s on (stopped at stop_s)."""
     h, tuner, r = host_with(3, "zero", 0.5, Budget, settings)
@@ -192,11 +196,11 @@ def test_churn_that_merges_again_is_held(rewrites_per_s):
     merge them again and keep them merged for long, so after a trial of faster passes the law
     holds them - more saved than one pass per 200 s leaves (the guard alone), within the churn
     budget; and once the churn stops, back to the steady budget."""
-    h, tuner, r, means = churn_run(DEFAULTS, rewrites_per_s, stop_s=630.0, until_s=930.0)
+    h, tuner, r, means = churn_run(HOLDING, rewrites_per_s, stop_s=630.0, until_s=930.0)
     held = [d for t, d in tuner.decisions if 450.0 <= t <= 630.0]
     assert held and all(d.churn_hold == "hold" for d in held), {d.churn_hold for d in held}
     assert "holding churn" in held[-1].reason, held[-1].reason
-    assert r.cpu_pct(450.0, 630.0) <= DEFAULTS.churn_pct, r.cpu_pct(450.0, 630.0)
+    assert r.cpu_pct(450.0, 630.0) <= HOLDING.churn_pct, r.cpu_pct(450.0, 630.0)
     _, _, _, slow = churn_run(replace(DEFAULTS, churn_pct=0.0), rewrites_per_s, until_s=630.0)
     ours, guard = mean_saved(means, 450.0, 630.0), mean_saved(slow, 450.0, 630.0)
     assert ours >= guard + 0.01 * h.mergeable_pages(), (ours, guard)
@@ -213,7 +217,7 @@ def test_churn_that_breaks_before_the_next_pass_backs_off():
     """2000 pages rewritten every 0.5 s: a merge never outlives a pass, so faster passes only
     merge and break them more often.  The trial sees the breaks grow with the passes, the law
     goes back to the slow passes (lowered by the churn factor) and tries again only later."""
-    h, tuner, r, _ = churn_run(DEFAULTS, 4000, pool=2000)
+    h, tuner, r, _ = churn_run(HOLDING, 4000, pool=2000)
     hold = [d.churn_hold for t, d in tuner.decisions]
     assert "trial" in hold, "no trial"
     late = [d for t, d in tuner.decisions if t >= 420.0]
@@ -229,7 +233,7 @@ def test_churn_that_breaks_before_the_next_pass_backs_off():
 def test_erosion_neither_holds_nor_backs_off():
     """Pages rewritten with new data never merge again: nothing to hold, nothing to back off
     from (their visits are the steady budget's ordinary cost)."""
-    h, tuner, r, _ = churn_run(DEFAULTS, 2000, same=False)
+    h, tuner, r, _ = churn_run(HOLDING, 2000, same=False)
     assert all(d.churn_hold == "" for t, d in tuner.decisions)
     d = tuner.decisions[-1][1]
     assert d.churn_factor >= 0.9, d.churn_factor

@@ -86,7 +86,12 @@ HOLD_MIN_SPEEDUP = 2.0
 HOLD_LOSS = 0.015
 HOLD_MIN_PASS_S = 1.0
 HOLD_RETRY_S = 600.0
-HOLD_RATE_WINDOW_S = 30.0  # holding: the break rate's moving average (it sets the pass time)
+HOLD_RATE_WINDOW_S = 30.0  # holding: the break rate's moving average
+#: Holding sizes its passes from the larger of the trial's break rate and the current one: from
+#: the current one alone, slower passes would see fewer breaks and slow down further (breaks
+#: found are a sample of the pages visited).  It stops when the breaks fall under this share
+#: of the trial's (the churn has stopped).
+HOLD_EXIT_SHARE = 0.1
 
 
 #: The kinds of trigger, as the metrics label them (the reason text has the details).
@@ -235,6 +240,7 @@ class BudgetState:
     hold_measure_s: float = 0.0  # ...and of its measurement, with cow_ksm then
     hold_cow0: int = 0
     hold_cow_rate: Optional[float] = None  # merges broken per second while holding
+    hold_trial_cow_rate: Optional[float] = None  # ...and in the trial
     hold_rate: Optional[float] = None  # pages per second the trial asked for
     # steady, not holding, since the last burst or hold: (time, cow_ksm, full_scans) at its
     # first pass boundary; merges broken per second since then, over whole passes only (the
@@ -528,7 +534,8 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if hold == "trial":
             pass_s = min(s.min_pass_s, HOLD_MIN_PASS_S)
         elif hold == "hold":
-            pass_s = hold_pass_s(sample.saved_pages, new["hold_cow_rate"], s)
+            pass_s = hold_pass_s(sample.saved_pages, max(new["hold_cow_rate"] or 0.0,
+                                                         new["hold_trial_cow_rate"] or 0.0), s)
         cap_rate = est_pass_pages / pass_s  # merged memory re-scanned at most this often
         rate = min(budget_rate, cap_rate)
         if hold_text:
@@ -581,6 +588,7 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
     slow_mark = state.slow_mark if was_steady else None
     slow_cow = state.slow_cow_rate if was_steady else None
     cow_hold, since, cow0, measure = state.hold_cow_rate, state.hold_since_s, state.hold_cow0, state.hold_measure_s
+    cow_trial = state.hold_trial_cow_rate
     fruitless, off_until, text = state.hold_fruitless, state.hold_off_until_s, state.hold_reason
     small = max(MIN_GAIN_PAGES, sample.tracked_pages // 1000)
     start = stop = False
@@ -607,7 +615,7 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
             growth = r / max(slow_cow or 0.0, 1e-9)
             speedup = (state.hold_rate or 0.0) / max(state.slow_rate or 0.0, 1e-9)
             if speedup >= HOLD_MIN_SPEEDUP and growth <= HOLD_MAX_GROWTH * speedup:
-                hold, cow_hold, fruitless = "hold", r, 0
+                hold, cow_hold, cow_trial, fruitless = "hold", r, r, 0
                 text = (f"holding churn: {r:.0f} merged pages/s broken, {growth:.1f}x for "
                         f"{speedup:.0f}x the passes: re-merges outlive passes")
             else:
@@ -620,16 +628,17 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
     elif hold == "hold" and dt is not None and cow_rate is not None:
         w = _clamp(dt / HOLD_RATE_WINDOW_S, 0.0, 1.0)
         cow_hold = cow_rate if cow_hold is None else (1 - w) * cow_hold + w * cow_rate
-        if hold_pass_s(sample.saved_pages, cow_hold, s) >= s.min_pass_s:
-            stop, text = True, "churn over: the slow passes lose next to nothing now"
+        if cow_hold <= HOLD_EXIT_SHARE * (cow_trial or 0.0):
+            stop, text = True, f"churn over: {cow_hold:.0f} merged pages/s broken, {cow_trial:.0f} in the trial"
         else:
             text = f"holding churn: {cow_hold:.0f} merged pages/s broken"
     if stop:
-        hold, slow_mark, slow_cow, cow_hold = "", None, None, None
+        hold, slow_mark, slow_cow, cow_hold, cow_trial = "", None, None, None, None
     if start or stop:
         steady_avg, correction = None, 1.0
-    new.update(hold=hold, hold_since_s=since, hold_measure_s=measure, hold_cow0=cow0, hold_cow_rate=cow_hold, slow_mark=slow_mark,
-               slow_cow_rate=slow_cow, hold_fruitless=fruitless, hold_off_until_s=off_until, hold_reason=text,
+    new.update(hold=hold, hold_since_s=since, hold_measure_s=measure, hold_cow0=cow0, hold_cow_rate=cow_hold,
+               hold_trial_cow_rate=cow_trial, slow_mark=slow_mark, slow_cow_rate=slow_cow, hold_fruitless=fruitless,
+               hold_off_until_s=off_until, hold_reason=text,
                steady_cpu_avg_pct=steady_avg)
     return hold, text, steady_avg, correction
 
