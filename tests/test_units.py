@@ -631,7 +631,7 @@ def test_shipped_config_comments_state_unit_default_and_range(tmp_path):
     defaults = Settings()
     numeric = {k for k in examples if isinstance(getattr(defaults, KEYS[k]), (int, float))
                and not isinstance(getattr(defaults, KEYS[k]), bool)}
-    assert len(numeric) == 12, numeric  # the classic KSM_* numbers and the budget policy's four
+    assert len(numeric) == 13, numeric  # the classic KSM_* numbers and the budget policy's five
     for key, (_, comment) in examples.items():
         assert "Unit:" in comment and re.search(r"Defaults?:", comment), f"{key}: no unit or default in {comment!r}"
         if key in numeric:
