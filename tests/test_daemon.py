@@ -284,9 +284,26 @@ def test_the_running_daemon_loads_prometheus_client_only_for_metrics(tmp_path):
 def test_descriptors_do_not_grow_with_ticks(tmp_path):
     """Nothing the daemon reads each tick stays open: its descriptors are the same after 20 ticks."""
     with DaemonProc(tmp_path, PRESSURE) as d:
-        def fds():  # (the state file's temp file is open while a tick, counted by its log line, ends)
-            return sorted(link for link in (os.readlink(f"/proc/{d.pid}/fd/{n}") for n in os.listdir(f"/proc/{d.pid}/fd"))
-                          if not link.startswith(str(d.state.parent / ".state.json.")))
+        def listing():  # (the state file's temp file is open while a tick, counted by its log line, ends)
+            links = []
+            for n in os.listdir(f"/proc/{d.pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{d.pid}/fd/{n}")
+                except FileNotFoundError:  # closed between the listing and the look: not held
+                    continue
+                if not link.startswith(str(d.state.parent / ".state.json.")):
+                    links.append(link)
+            return sorted(links)
+
+        def fds():  # a listing that holds still: the tick counted by its log line may not be quite over
+            a = listing()
+            for _ in range(100):
+                time.sleep(0.05)
+                b = listing()
+                if a == b:
+                    return a
+                a = b
+            return a
         d.signal(signal.SIGUSR1)
         d.wait_ticks(2)
         first = fds()
