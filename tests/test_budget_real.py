@@ -192,7 +192,7 @@ def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
         # the slow passes' batch: read well before the state file showed the trial (sysfs is
         # written first, the state after)
         slow_pages = [n for t, n in batches if t < trial_t - 2.0][-1]
-        assert held_pages >= 3 * slow_pages, (held_pages, slow_pages)
+        assert held_pages >= 2 * slow_pages, (held_pages, slow_pages)  # a trial needs HOLD_MIN_SPEEDUP (2x)
         pct = ksmd_pct(20.0)
         assert pct <= 1.0 + STEADY_BOUND_PCT, pct  # KSM_BUDGET_CHURN_PCT=1 and room for the machine
         text = prom.read_text()
