@@ -39,14 +39,19 @@ def start_mergeable(stack: ExitStack, mib: int, *more: str) -> subprocess.Popen:
     return p
 
 
+def budget_of(state: Path) -> dict:
+    """The state file's budget block ({} while it is missing or being replaced)."""
+    try:
+        return json.loads(state.read_text()).get("budget") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def wait_mode(state: Path, mode: str, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     b = {}
     while time.monotonic() < deadline:
-        try:
-            b = json.loads(state.read_text()).get("budget") or {}
-        except (OSError, ValueError):
-            b = {}
+        b = budget_of(state)
         if b.get("mode") == mode:
             return b
         time.sleep(0.1)
@@ -117,10 +122,7 @@ def test_a_look_alike_with_nothing_opted_in_sets_off_no_burst(real_ksm, tmp_path
         deadline = time.monotonic() + 5  # ten watch periods
         seen = []
         while time.monotonic() < deadline:
-            try:
-                b = json.loads(state.read_text()).get("budget") or {}
-            except (OSError, ValueError):
-                b = {}
+            b = budget_of(state)
             seen.append(b.get("mode"))
             time.sleep(0.1)
         assert "burst" not in seen, seen
@@ -174,10 +176,7 @@ def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
         seen, b, batches, trial_t = [], {}, [], None
         while time.monotonic() < deadline:
             batches.append((time.monotonic(), read(real_ksm, "pages_to_scan")))
-            try:
-                b = json.loads(state.read_text()).get("budget") or {}
-            except (OSError, ValueError):
-                b = {}
+            b = budget_of(state)
             if b.get("churn_hold") and b["churn_hold"] not in seen:
                 seen.append(b["churn_hold"])
                 trial_t = trial_t or time.monotonic()

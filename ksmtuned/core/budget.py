@@ -359,19 +359,18 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
 
     # churn: merged pages broken by writes (cow_ksm) against merges made, a moving average
     churn = state.churn_ratio
+    cow_rate: Optional[float] = None  # merged pages broken per second over this tick
     if dt is not None and last is not None and sample.cow_ksm is not None and last.cow_ksm is not None and not reset:
         # merges made = net change + merges broken; broken pages that are not merged again
         # (erosion) cost no re-merging and say nothing; merged again and broken again is churn
         dcow = max(0, sample.cow_ksm - last.cow_ksm)
+        cow_rate = dcow / dt
         made = max(0, sample.saved_pages - last.saved_pages + dcow)
         if made >= 16:
             w = _clamp(dt / CHURN_WINDOW_S, 0.0, 1.0)
             churn = (1 - w) * churn + w * min(1.0, dcow / made)
     new["churn_ratio"] = churn
     churn_factor = _clamp(1.0 - churn, CHURN_FLOOR, 1.0)
-    cow_rate: Optional[float] = None
-    if dt is not None and last is not None and sample.cow_ksm is not None and last.cow_ksm is not None and not reset:
-        cow_rate = max(0, sample.cow_ksm - last.cow_ksm) / dt
 
     # pass boundaries: gain per pass, pages per pass
     mark_scans, mark_saved, mark_scanned = state.mark_full_scans, state.mark_saved, state.mark_pages_scanned
@@ -541,8 +540,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if hold_text:
             reason = f"{reason}; {hold_text}" if reason else hold_text
         if cap_rate < budget_rate:
-            reason_cap = f"capped at one pass per {pass_s:.1f} s" if holding else \
-                f"capped at one pass per {pass_s:.0f} s"
+            reason_cap = f"capped at one pass per {pass_s:.{1 if holding else 0}f} s"
             reason = f"{reason}; {reason_cap}" if reason else reason_cap
         target_expected = min(target, rate * cost / 1e7)  # the CPU it is expected to cost, %
         if steady_avg is not None and steady_avg > target:
@@ -563,7 +561,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
         to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,
-        churn_hold=new.get("hold", state.hold) if mode is Mode.STEADY else "", cow_ksm_per_s=cow_rate,
+        churn_hold=new["hold"], cow_ksm_per_s=cow_rate,
     )
     return decision, replace(state, **new)
 
