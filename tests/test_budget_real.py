@@ -188,8 +188,10 @@ def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
         assert b["cow_ksm_per_s"] and b["cow_ksm_per_s"] > 100, b  # ~800 pages/s are rewritten
         time.sleep(11)  # the first tick in hold has sized its batch
         held_pages = read(real_ksm, "pages_to_scan")
-        # the slow passes' batch: read well before the state file showed the trial (sysfs is
-        # written first, the state after)
+        # the state file is rewritten by every tick that writes a knob: it never lags sysfs
+        assert budget_of(state)["pages_to_scan"] == held_pages, (budget_of(state), held_pages)
+        # the slow passes' batch: read before the state file showed the trial (sysfs is written
+        # first, the state file within milliseconds after)
         slow_pages = [n for t, n in batches if t < trial_t - 2.0][-1]
         assert held_pages >= 2 * slow_pages, (held_pages, slow_pages)  # a trial needs HOLD_MIN_SPEEDUP (2x)
         pct = ksmd_pct(20.0)

@@ -372,7 +372,8 @@ class Daemon:
     def budget_tick(self) -> TickReport | None:
         """A tick of the budget law alone, between two adjusts (bursts, the watch for new guests):
         the classic decision stays; pages_to_scan and sleep_millisecs follow the budget.  Observers
-        hear of it only when the mode changes (the state file shows it; counts are the adjusts')."""
+        hear of it when the mode or the churn hold changes, when it wrote a knob, and each second
+        of a burst (counts are the adjusts')."""
         assert self.budget is not None
         started = self.clock()
         self._budget_due = None
@@ -406,7 +407,10 @@ class Daemon:
             if running:
                 self.debug_log.write([bd.explain(), f"KSMCTL start {bd.pages_to_scan} {bd.sleep_ms}"])
         report.duration_s = self.clock() - started
-        if changed or bd.mode is Mode.BURST:  # a burst's progress shows in the state file each second
+        # a burst's progress shows in the state file each second; a steady tick's when it wrote a
+        # knob or the churn hold moved: the state file and metrics never lag what sysfs says
+        if (changed or bd.mode is Mode.BURST or report.writes
+                or (previous is not None and previous.churn_hold != bd.churn_hold)):
             self._publish(report)
         return report
 
