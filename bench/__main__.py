@@ -169,6 +169,12 @@ def _budget(args, out_dir: Path, date: str, command: str) -> int:
         _log(traceback.format_exc())
         res["error"] = f"{type(e).__name__}: {e}"
         rc = 1
+    if "scenarios" not in res and path.exists():  # skipped or broken before a row: keep what was measured
+        path.with_suffix(".partial.json").unlink(missing_ok=True)
+        _log(f"results: {path} kept as it was; this run measured nothing")
+        return rc
+    if previous and previous.get("notes") and not res.get("notes"):  # a subset re-run keeps the notes
+        res["notes"] = previous["notes"]
     res["host"]["loadavg_end"] = _loadavg()
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     _budget_write(res, out_dir, stem, args.doc, [command])

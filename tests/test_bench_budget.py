@@ -102,3 +102,27 @@ def test_staggered_guest_measured_from_its_own_start_against_what_it_could_merge
     assert got["t90_s"] == 3.0
     never = budget.staggered_times(tuner[:3], events, targets)
     assert never["t90_s"] is None  # guest 1 never got there: no time, not a small one
+
+
+def test_a_budget_run_that_measures_nothing_keeps_todays_results(tmp_path):
+    """No QEMU on PATH (or not root): the benchmark skips, exit 0, and today's results file,
+    rows and notes, is left as it was instead of being rewritten without them."""
+    import datetime
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    out.mkdir()
+    path = out / f"{datetime.date.today().isoformat()}-budget.json"
+    before = json.dumps({"quick": False, "scenarios": {"zero": {"flat": {}}}, "notes": "measured on a quiet host"})
+    path.write_text(before)
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = subprocess.run([sys.executable, "-m", "bench", "--only", "budget", "--out", str(out), "--tuners", "flat"],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=dict(os.environ, PATH=str(empty)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "skipped" in r.stdout + r.stderr
+    assert path.read_text() == before
+    assert not path.with_suffix(".partial.json").exists()
