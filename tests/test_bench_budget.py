@@ -3,12 +3,17 @@ the guest RAM images hold the mix they promise, and the goals table says met/not
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from bench import budget, budget_report
+from tests.conftest import REPO
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -107,11 +112,6 @@ def test_staggered_guest_measured_from_its_own_start_against_what_it_could_merge
 def test_a_budget_run_that_measures_nothing_keeps_todays_results(tmp_path):
     """No QEMU on PATH (or not root): the benchmark skips, exit 0, and today's results file,
     rows and notes, is left as it was instead of being rewritten without them."""
-    import datetime
-    import json
-    import subprocess
-    import sys
-
     out = tmp_path / "results"
     out.mkdir()
     path = out / f"{datetime.date.today().isoformat()}-budget.json"
@@ -120,7 +120,7 @@ def test_a_budget_run_that_measures_nothing_keeps_todays_results(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
     r = subprocess.run([sys.executable, "-m", "bench", "--only", "budget", "--out", str(out), "--tuners", "flat"],
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=dict(os.environ, PATH=str(empty)),
+                       cwd=REPO, env=dict(os.environ, PATH=str(empty)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "skipped" in r.stdout + r.stderr
