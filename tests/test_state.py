@@ -148,6 +148,7 @@ def test_state_file_is_valid_json_after_every_tick(tmp_path):
     assert [n for n in os.listdir(d.state.parent) if n.endswith(".tmp")] == []
 
 
+@pytest.mark.slow  # 14 s
 def test_state_file_survives_kill_9_at_random_moments(tmp_path):
     """kill -9 the daemon at random moments while it writes every 20 ms: the file is always whole."""
     rng = random.Random(4)
