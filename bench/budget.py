@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import common
+from . import common, truecount
 from .common import KSM_DIR, PAGE_SIZE, Skip
 from .daemons import BrokenBenchmark, Old, Ours
 from .outcome import _guard, _thp_off, foreign_mergeable, preconditions, wait_for_quiet
@@ -374,6 +374,10 @@ def _sample(scenario, tuner, p, workdir, accel, images, thp, guests, churn, ksmd
              "pages_to_scan": _ri("pages_to_scan"), "sleep_millisecs": _ri("sleep_millisecs"), "run": _ri("run")}
         if len(samples) % 25 == 0:  # every ~5 s: other people's guest-like processes (they can trigger bursts)
             s["foreign_guests"] = max(0, common.count_guest_like() - len(guests))
+            # ...and what is truly merged (the counters lag: see bench/truecount.py), ~0.3 s of our CPU
+            tc = truecount.true_merged([g.pid for g in guests] + ([churn.pid] if churn else []))
+            if tc is not None:
+                s["true_saved"], s["true_mapped"] = tc["saved"], tc["mapped"]
         samples.append(s)
         all_started = not to_start and all(g.ready_at is not None for g in guests)
         if reached_at is None and all_started:
@@ -485,20 +489,25 @@ def summarise(scenario, tuner, samples, events, guests, churn, p, ref) -> dict:
         dt = last["t"] - a["t"]
         cpu = last["ksmd_cpu_s"] - a["ksmd_cpu_s"]
         mean_saved = sum(x["pages_sharing"] for x in win) / len(win)
+        true_win = [x["true_saved"] for x in win if "true_saved" in x]
         steady = {"window_s": round(dt, 1), "ksmd_cpu_pct": 100 * cpu / dt, "ksmd_cpu_s": cpu,
                   "mean_pages_sharing": mean_saved, "cow_ksm_per_s": (last["cow_ksm"] - a["cow_ksm"]) / dt,
-                  "saved_per_cpu_s": (mean_saved * dt / cpu) if cpu > 0 else None}
+                  "saved_per_cpu_s": (mean_saved * dt / cpu) if cpu > 0 else None,
+                  "mean_true_saved": (sum(true_win) / len(true_win)) if true_win else None,
+                  "true_samples": len(true_win)}
     out.update({
         "steady": steady,
         "final_merged": last["merged"], "final_guest_merged": last["guest_merged"],
         "final_pages_sharing": last["pages_sharing"], "final_general_profit": last["general_profit"],
+        "final_true_saved": next((x["true_saved"] for x in reversed(samples) if "true_saved" in x), None),
         "final_pages_to_scan": last["pages_to_scan"], "final_sleep_millisecs": last["sleep_millisecs"],
         "total_s": last["t"], "total_ksmd_cpu_s": last["ksmd_cpu_s"],
         "events": events,
         "foreign_guests_max": max((x.get("foreign_guests", 0) for x in samples), default=0),
     })
     step = max(1, len(samples) // 600)
-    keep = samples[::step] + ([last] if (len(samples) - 1) % step else [])
+    # every step-th sample, and every one with a true count (the plot draws those as points)
+    keep = [x for i, x in enumerate(samples) if i % step == 0 or "true_saved" in x or x is last]
     out["samples"] = [{k: v for k, v in s.items() if k != "guest_merged" or scenario == "staggered"} for s in keep]
     return out
 

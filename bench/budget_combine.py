@@ -20,7 +20,7 @@ MAX_SAMPLES = 150
 
 
 KEEP = ("t", "merged", "guest_merged", "pages_sharing", "ksmd_cpu_s", "cow_ksm", "pages_to_scan", "sleep_millisecs",
-        "steady_start")
+        "steady_start", "true_saved")
 
 
 def _thin(run: dict, staggered: bool) -> None:

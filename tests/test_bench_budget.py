@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -126,3 +127,67 @@ def test_a_budget_run_that_measures_nothing_keeps_todays_results(tmp_path):
     assert "skipped" in r.stdout + r.stderr
     assert path.read_text() == before
     assert not path.with_suffix(".partial.json").exists()
+
+
+# --- the true count (bench/truecount.py) on the real kernel ------------------------------------
+
+REWRITER = r"""
+import mmap, os, sys
+PAGE = mmap.PAGESIZE
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+page = (b"ksmtuned-truecount" * (PAGE // 18 + 1))[:PAGE]
+for i in range(n):
+    m[i * PAGE:(i + 1) * PAGE] = page
+m.madvise(mmap.MADV_MERGEABLE)
+print("ready", flush=True)
+sys.stdin.readline()
+junk = os.urandom(n // 2 * PAGE)
+for i in range(n // 2):
+    m[i * PAGE:(i + 1) * PAGE] = junk[i * PAGE:(i + 1) * PAGE]
+print("rewritten", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_visit(real_ksm):
+    """A process's 2048 identical pages merged flat out: the true count (pagemap + KPF_KSM) says
+    what ksm_merging_pages says, and saved = mapped - distinct KSM pages.  ksmd stopped, half of
+    them rewritten: the true count drops at once, the kernel's counter stays until ksmd visits."""
+    from bench import truecount
+
+    n = 2048
+    p = subprocess.Popen([sys.executable, "-c", REWRITER, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        (real_ksm / "pages_to_scan").write_text("10000")
+        (real_ksm / "sleep_millisecs").write_text("0")
+        (real_ksm / "run").write_text("1")
+        deadline = time.monotonic() + 30
+        while budget.merging_pages(p.pid) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (real_ksm / "run").write_text("0")  # merged pages stay merged; ksmd visits nothing more
+        merged = budget.merging_pages(p.pid)
+        assert merged == n, merged
+        tc = truecount.true_merged([p.pid])
+        assert tc is not None
+        assert tc["mapped"] == merged, (tc, merged)
+        assert 1 <= tc["ksm_pages"] <= 2 * n // 256 + 1, tc  # max_page_sharing 256: a few KSM pages
+        assert tc["saved"] == tc["mapped"] - tc["ksm_pages"]
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "rewritten"
+        after = truecount.true_merged([p.pid])
+        assert after["mapped"] == n - n // 2, after
+        assert budget.merging_pages(p.pid) == n  # the counter lags: no visit since the writes
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_true_count_is_none_for_a_process_that_is_gone():
+    from bench import truecount
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    assert truecount.true_merged([p.pid]) is None

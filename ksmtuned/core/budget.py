@@ -78,12 +78,18 @@ MAX_PASS_MARKS = 32
 #: doubling); if it grew by at most HOLD_MAX_GROWTH of the speed-up, re-merges outlive passes
 #: and the policy holds them: one pass per the time in which pages waiting to be merged again
 #: stay under HOLD_LOSS of the pages saved (a broken page waits half a pass on average).
+#: Breaks that grow with the passes can also mean merges that last long, only not a whole slow
+#: pass (pages rewritten every 20 s, passes every 200 s: each fast pass keeps them merged for
+#: most of their cycle).  The counters tell the two apart: such merges raise the pages saved,
+#: merges that break at once do not (pages_sharing drops only at ksmd's next visit).  So a trial
+#: also holds when the pages saved grew by at least HOLD_MIN_GAIN of them.
 HOLD_MIN_CHURN = 0.25
 HOLD_TRIAL_S = 40.0
 HOLD_SETTLE_S = 10.0  # the trial's first seconds (its cost measured, ksmd at the new rate) not counted
 HOLD_MAX_GROWTH = 0.5
 HOLD_MIN_SPEEDUP = 2.0
 HOLD_LOSS = 0.015
+HOLD_MIN_GAIN = 0.01
 HOLD_MIN_PASS_S = 1.0
 HOLD_RETRY_S = 600.0
 HOLD_RATE_WINDOW_S = 30.0  # holding: the break rate's moving average
@@ -242,6 +248,7 @@ class BudgetState:
     hold_cow_rate: Optional[float] = None  # merges broken per second while holding
     hold_trial_cow_rate: Optional[float] = None  # ...and in the trial
     hold_rate: Optional[float] = None  # pages per second the trial asked for
+    hold_saved0: int = 0  # pages saved when the trial began
     # steady, not holding, since the last burst or hold: (time, cow_ksm, full_scans) at its
     # first pass boundary; merges broken per second since then, over whole passes only (the
     # pages a pass merges break all at once after it: a shorter window sees a spike or nothing)
@@ -586,7 +593,7 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
     slow_mark = state.slow_mark if was_steady else None
     slow_cow = state.slow_cow_rate if was_steady else None
     cow_hold, since, cow0, measure = state.hold_cow_rate, state.hold_since_s, state.hold_cow0, state.hold_measure_s
-    cow_trial = state.hold_trial_cow_rate
+    cow_trial, saved0 = state.hold_trial_cow_rate, state.hold_saved0
     fruitless, off_until, text = state.hold_fruitless, state.hold_off_until_s, state.hold_reason
     small = max(MIN_GAIN_PAGES, sample.tracked_pages // 1000)
     start = stop = False
@@ -602,6 +609,7 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
         if (s.churn_pct > 0 and sample.cow_ksm is not None and slow_cow is not None
                 and churn >= HOLD_MIN_CHURN and slow_cow * s.min_pass_s >= small and sample.time_s >= off_until):
             hold, since, measure, cow0, start = "trial", sample.time_s, math.inf, sample.cow_ksm, True
+            saved0 = sample.saved_pages
             text = f"churn: {slow_cow:.0f} merged pages/s broken, trying faster passes"
         elif text and (not text.startswith("churn not held") or sample.time_s >= off_until):
             text = ""
@@ -612,10 +620,12 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
             r = max(0, sample.cow_ksm - cow0) / (sample.time_s - measure)
             growth = r / max(slow_cow or 0.0, 1e-9)
             speedup = (state.hold_rate or 0.0) / max(state.slow_rate or 0.0, 1e-9)
-            if speedup >= HOLD_MIN_SPEEDUP and growth <= HOLD_MAX_GROWTH * speedup:
+            gain = sample.saved_pages - saved0
+            outlive = growth <= HOLD_MAX_GROWTH * speedup
+            if speedup >= HOLD_MIN_SPEEDUP and (outlive or gain >= max(small, HOLD_MIN_GAIN * saved0)):
                 hold, cow_hold, cow_trial, fruitless = "hold", r, r, 0
-                text = (f"holding churn: {r:.0f} merged pages/s broken, {growth:.1f}x for "
-                        f"{speedup:.0f}x the passes: re-merges outlive passes")
+                why = "re-merges outlive passes" if outlive else f"{gain} pages more saved"
+                text = f"holding churn: {r:.0f} merged pages/s broken, {growth:.1f}x for {speedup:.0f}x the passes: {why}"
             else:
                 fruitless += 1
                 retry_s = min(s.max_holdoff_s, HOLD_RETRY_S * 2 ** (fruitless - 1))
@@ -635,8 +645,8 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
     if start or stop:
         steady_avg, correction = None, 1.0
     new.update(hold=hold, hold_since_s=since, hold_measure_s=measure, hold_cow0=cow0, hold_cow_rate=cow_hold,
-               hold_trial_cow_rate=cow_trial, slow_mark=slow_mark, slow_cow_rate=slow_cow, hold_fruitless=fruitless,
-               hold_off_until_s=off_until, hold_reason=text,
+               hold_trial_cow_rate=cow_trial, hold_saved0=saved0, slow_mark=slow_mark, slow_cow_rate=slow_cow,
+               hold_fruitless=fruitless, hold_off_until_s=off_until, hold_reason=text,
                steady_cpu_avg_pct=steady_avg)
     return hold, text, steady_avg, correction
 
