@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 
+from .common import PAGE_SIZE
+
 KPF_KSM = 1 << 21
 PAGEMAP_PRESENT = 1 << 63
 PAGEMAP_PFN_MASK = (1 << 55) - 1
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: PFNs per read of /proc/kpageflags (8 bytes each): one read per 32 KiB block a process maps
 BLOCK_PFNS = 4096
 

@@ -5,6 +5,8 @@ touched and marked.  With `plain` the memory is never opted in (ksm_stat: ksm_me
 process that only looks like a guest.  With `churn` it then keeps rewriting it: each second a
 new 5 % slice gets random data (merged pages broken: cow_ksm) and the previous slice its old
 content back (mergeable again), so each page is rewritten every 20 s and is otherwise left alone.
+With `rewrite` it waits for a line on stdin, then gives the first half of its pages random data
+and prints "rewritten".
 Python's mmap.mmap(-1, n) is MAP_SHARED, which KSM never merges (KSM.md section 1): ask for
 MAP_PRIVATE | MAP_ANONYMOUS explicitly.
 """
@@ -29,6 +31,11 @@ def main() -> None:
     print("ready", flush=True)
     if sys.argv[2:] == ["churn"]:
         churn(m, size // PAGE, page)
+    if sys.argv[2:] == ["rewrite"]:
+        sys.stdin.readline()
+        half = size // PAGE // 2
+        m[: half * PAGE] = os.urandom(half * PAGE)
+        print("rewritten", flush=True)
     signal.pause()
 
 

@@ -131,33 +131,15 @@ def test_a_budget_run_that_measures_nothing_keeps_todays_results(tmp_path):
 
 # --- the true count (bench/truecount.py) on the real kernel ------------------------------------
 
-REWRITER = r"""
-import mmap, os, sys
-PAGE = mmap.PAGESIZE
-n = int(sys.argv[1])
-m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-page = (b"ksmtuned-truecount" * (PAGE // 18 + 1))[:PAGE]
-for i in range(n):
-    m[i * PAGE:(i + 1) * PAGE] = page
-m.madvise(mmap.MADV_MERGEABLE)
-print("ready", flush=True)
-sys.stdin.readline()
-junk = os.urandom(n // 2 * PAGE)
-for i in range(n // 2):
-    m[i * PAGE:(i + 1) * PAGE] = junk[i * PAGE:(i + 1) * PAGE]
-print("rewritten", flush=True)
-sys.stdin.readline()
-"""
-
-
 def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_visit(real_ksm):
     """A process's 2048 identical pages merged flat out: the true count (pagemap + KPF_KSM) says
     what ksm_merging_pages says, and saved = mapped - distinct KSM pages.  ksmd stopped, half of
     them rewritten: the true count drops at once, the kernel's counter stays until ksmd visits."""
     from bench import truecount
 
-    n = 2048
-    p = subprocess.Popen([sys.executable, "-c", REWRITER, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    n = 8 * 2**20 // PAGE  # 2048 pages of 4 KiB
+    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", "8", "rewrite"], cwd=REPO, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
         (real_ksm / "pages_to_scan").write_text("10000")
