@@ -135,6 +135,7 @@ def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_vi
     """A process's 2048 identical pages merged flat out: the true count (pagemap + KPF_KSM) says
     what ksm_merging_pages says, and saved = mapped - distinct KSM pages.  ksmd stopped, half of
     them rewritten: the true count drops at once, the kernel's counter stays until ksmd visits."""
+    pytest.importorskip("numpy", reason="the true count needs numpy (the project's `bench` extra)")
     from bench import truecount
 
     n = 8 * 2**20 // PAGE  # 2048 pages of 4 KiB
