@@ -41,7 +41,7 @@ def nobody_can_run_python() -> bool:
 def skip_unless_nobody_can_run_python() -> None:
     """Skip a test that runs this interpreter as nobody when nobody cannot run it.
 
-    pyenv's interpreters (the 3.9 and 3.13 tiers) live under /root, mode 0700, and load their
+    pyenv's interpreters (the 3.9 tier) live under /root, mode 0700, and load their
     libpython through a RUNPATH there: nobody gets "cannot open shared object file".
     """
     if not _NOBODY_PYTHON:

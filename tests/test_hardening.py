@@ -137,7 +137,7 @@ def test_root_retune_never_signals_a_process_of_nobody_behind_a_reused_pid(world
             if argv[0] == "status":
                 assert "ksmtuned: not running" in r.stdout
         # the same as nobody: its own status sees through it too (uid, not the lock file), where
-        # nobody can run this interpreter (not pyenv's, under /root: the 3.9/3.13 tiers)
+        # nobody can run this interpreter (not pyenv's, under /root: the 3.9 tier)
         from tests.conftest import nobody_can_run_python
 
         if nobody_can_run_python():
