@@ -205,6 +205,29 @@ class KsmSample:
 
 
 @dataclass(frozen=True)
+class ChurnHold:
+    """What steady mode's churn hold (see HOLD_MAX_GROWTH) remembers between ticks."""
+
+    phase: str = ""  # "" (not holding), "trial" (faster passes, measuring), "hold"
+    since_s: float = 0.0  # the trial's start
+    measure_s: float = 0.0  # ...and of its measurement, with cow_ksm then
+    cow0: int = 0
+    saved0: int = 0  # pages saved when the trial began
+    cow_rate: Optional[float] = None  # merges broken per second while holding
+    trial_cow_rate: Optional[float] = None  # ...and in the trial
+    rate: Optional[float] = None  # pages per second the trial or the hold asked for
+    # steady, not holding, since the last burst or hold: (time, cow_ksm, full_scans) at its
+    # first pass boundary; merges broken per second since then, over whole passes only (the
+    # pages a pass merges break all at once after it: a shorter window sees a spike or nothing)
+    slow_mark: Optional[Tuple[float, int, int]] = None
+    slow_cow_rate: Optional[float] = None
+    slow_rate: Optional[float] = None  # pages per second asked for then
+    fruitless: int = 0  # trials in a row that held nothing
+    off_until_s: float = 0.0  # no trial before then
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class BudgetState:
     """What the law remembers between ticks."""
 
@@ -240,24 +263,7 @@ class BudgetState:
     fruitless: int = 0  # bursts in a row that gained next to nothing
     holdoff_until_s: float = 0.0  # until then only a new guest starts a burst
     steady_reason: str = "nothing new to merge"
-    # holding churn: "" (not), "trial" (faster passes, measuring), "hold"
-    hold: str = ""
-    hold_since_s: float = 0.0  # the trial's start
-    hold_measure_s: float = 0.0  # ...and of its measurement, with cow_ksm then
-    hold_cow0: int = 0
-    hold_cow_rate: Optional[float] = None  # merges broken per second while holding
-    hold_trial_cow_rate: Optional[float] = None  # ...and in the trial
-    hold_rate: Optional[float] = None  # pages per second the trial asked for
-    hold_saved0: int = 0  # pages saved when the trial began
-    # steady, not holding, since the last burst or hold: (time, cow_ksm, full_scans) at its
-    # first pass boundary; merges broken per second since then, over whole passes only (the
-    # pages a pass merges break all at once after it: a shorter window sees a spike or nothing)
-    slow_mark: Optional[Tuple[float, int, int]] = None
-    slow_cow_rate: Optional[float] = None
-    slow_rate: Optional[float] = None  # pages per second asked for then
-    hold_fruitless: int = 0  # trials in a row that held nothing
-    hold_off_until_s: float = 0.0
-    hold_reason: str = ""
+    hold: ChurnHold = ChurnHold()
 
 
 @dataclass(frozen=True)
@@ -339,7 +345,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
             and sample.pages_scanned is not None and last.pages_scanned is not None):
         dpages = max(0, sample.pages_scanned - last.pages_scanned)
         # a churn trial follows its own cost at once, as a burst does: it is a tenth of the slow one
-        fast = measured_in is Mode.BURST or state.hold == "trial"
+        fast = measured_in is Mode.BURST or state.hold.phase == "trial"
         keep = math.exp(-dt / (BURST_COST_WINDOW_S if fast else STEADY_COST_WINDOW_S))
         cpu_acc, pages_acc = acc[measured_in]
         acc[measured_in] = (cpu_acc * keep + dcpu_ns, pages_acc * keep + dpages)
@@ -522,8 +528,9 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         passes_left = max(1, min_passes - (sample.full_scans - trig_scans))
         eta = passes_left * est_pass_pages / rate
     else:
-        hold, hold_text, steady_avg, correction = _hold(sample, state, s, new, dt, cow_rate, churn, steady_avg,
-                                                        correction)
+        held, steady_avg, correction = _hold(sample, state, s, dt, cow_rate, churn, steady_avg, correction)
+        new["steady_cpu_avg_pct"] = steady_avg
+        hold, hold_text = held.phase, held.reason
         holding = hold != ""
         target = s.churn_pct if holding else s.steady_pct * churn_factor
         if (measured_in is Mode.STEADY and steady_avg is not None and dt is not None and steady_avg > 0
@@ -540,8 +547,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if hold == "trial":
             pass_s = min(s.min_pass_s, HOLD_MIN_PASS_S)
         elif hold == "hold":
-            pass_s = hold_pass_s(sample.saved_pages, max(new["hold_cow_rate"] or 0.0,
-                                                         new["hold_trial_cow_rate"] or 0.0), s)
+            pass_s = hold_pass_s(sample.saved_pages, max(held.cow_rate or 0.0, held.trial_cow_rate or 0.0), s)
         cap_rate = est_pass_pages / pass_s  # merged memory re-scanned at most this often
         rate = min(budget_rate, cap_rate)
         if hold_text:
@@ -553,13 +559,13 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         if steady_avg is not None and steady_avg > target:
             rate *= max(0.25, target / steady_avg)  # proportional: at once
         rate *= correction
-        new["hold_rate" if holding else "slow_rate"] = rate
+        new["hold"] = replace(held, rate=rate) if holding else replace(held, slow_rate=rate)
         target = target_expected
         pages = int(_clamp(rate * cycle_s, MIN_BATCH_PAGES, MAX_BATCH_PAGES))
         pages = _held(pages, state.pages_to_scan if state.mode is Mode.STEADY else None)
         next_tick = s.steady_tick_s
     if mode is not Mode.STEADY:
-        new.update(hold="", slow_mark=None, slow_cow_rate=None, hold_reason="")
+        new["hold"] = replace(state.hold, phase="", slow_mark=None, slow_cow_rate=None, reason="")
     new["steady_correction"] = correction
     new.update(pages_to_scan=pages if pages is not None else state.pages_to_scan,
                sleep_ms=sleep_ms if sleep_ms is not None else state.sleep_ms)
@@ -568,7 +574,7 @@ def step(sample: KsmSample, state: BudgetState, s: BudgetSettings) -> tuple[Budg
         cpu_pct=cpu_pct, target_pct=target, unvisited_kib=unvisited_kib, eta_s=eta,
         to_merge_kib=(max(0, unvisited - floor) + (sample.pages_volatile if mode is Mode.BURST else 0)) * s.page_kib,
         churn_factor=churn_factor, bucket_cpu_s=bucket, cost_ns_per_page=cost,
-        churn_hold=new["hold"], cow_ksm_per_s=cow_rate,
+        churn_hold=new["hold"].phase, cow_ksm_per_s=cow_rate,
     )
     return decision, replace(state, **new)
 
@@ -582,19 +588,20 @@ def hold_pass_s(saved_pages: int, cow_rate: Optional[float], s: BudgetSettings) 
     return _clamp(2.0 * HOLD_LOSS * max(1, saved_pages) / cow_rate, min(HOLD_MIN_PASS_S, s.min_pass_s), s.min_pass_s)
 
 
-def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[str, Any], dt: Optional[float],
+def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, dt: Optional[float],
           cow_rate: Optional[float], churn: float, steady_avg: Optional[float],
-          correction: float) -> Tuple[str, str, Optional[float], float]:
-    """Steady mode's churn hold (see HOLD_MAX_GROWTH): the hold state after this tick, its
-    words for the reason, and the steady CPU average and correction (both start afresh when
-    holding starts or stops: the regimes' costs differ tenfold).  Fills `new`'s hold fields."""
+          correction: float) -> Tuple[ChurnHold, Optional[float], float]:
+    """Steady mode's churn hold (see HOLD_MAX_GROWTH): the hold after this tick (its phase, its
+    words for the reason), and the steady CPU average and correction (both start afresh when
+    holding starts or stops: the regimes' costs differ tenfold)."""
     was_steady = state.mode is Mode.STEADY
-    hold = state.hold if was_steady else ""
-    slow_mark = state.slow_mark if was_steady else None
-    slow_cow = state.slow_cow_rate if was_steady else None
-    cow_hold, since, cow0, measure = state.hold_cow_rate, state.hold_since_s, state.hold_cow0, state.hold_measure_s
-    cow_trial, saved0 = state.hold_trial_cow_rate, state.hold_saved0
-    fruitless, off_until, text = state.hold_fruitless, state.hold_off_until_s, state.hold_reason
+    h = state.hold
+    hold = h.phase if was_steady else ""
+    slow_mark = h.slow_mark if was_steady else None
+    slow_cow = h.slow_cow_rate if was_steady else None
+    cow_hold, since, cow0, measure = h.cow_rate, h.since_s, h.cow0, h.measure_s
+    cow_trial, saved0 = h.trial_cow_rate, h.saved0
+    fruitless, off_until, text = h.fruitless, h.off_until_s, h.reason
     small = max(MIN_GAIN_PAGES, sample.tracked_pages // 1000)
     start = stop = False
     last = state.last
@@ -619,7 +626,7 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
         elif measure < sample.time_s and sample.time_s - since >= HOLD_TRIAL_S:
             r = max(0, sample.cow_ksm - cow0) / (sample.time_s - measure)
             growth = r / max(slow_cow or 0.0, 1e-9)
-            speedup = (state.hold_rate or 0.0) / max(state.slow_rate or 0.0, 1e-9)
+            speedup = (h.rate or 0.0) / max(h.slow_rate or 0.0, 1e-9)
             gain = sample.saved_pages - saved0
             outlive = growth <= HOLD_MAX_GROWTH * speedup
             if speedup >= HOLD_MIN_SPEEDUP and (outlive or gain >= max(small, HOLD_MIN_GAIN * saved0)):
@@ -644,11 +651,10 @@ def _hold(sample: KsmSample, state: BudgetState, s: BudgetSettings, new: Dict[st
         hold, slow_mark, slow_cow, cow_hold, cow_trial = "", None, None, None, None
     if start or stop:
         steady_avg, correction = None, 1.0
-    new.update(hold=hold, hold_since_s=since, hold_measure_s=measure, hold_cow0=cow0, hold_cow_rate=cow_hold,
-               hold_trial_cow_rate=cow_trial, hold_saved0=saved0, slow_mark=slow_mark, slow_cow_rate=slow_cow,
-               hold_fruitless=fruitless, hold_off_until_s=off_until, hold_reason=text,
-               steady_cpu_avg_pct=steady_avg)
-    return hold, text, steady_avg, correction
+    held = replace(h, phase=hold, since_s=since, measure_s=measure, cow0=cow0, cow_rate=cow_hold,
+                   trial_cow_rate=cow_trial, saved0=saved0, slow_mark=slow_mark, slow_cow_rate=slow_cow,
+                   fruitless=fruitless, off_until_s=off_until, reason=text)
+    return held, steady_avg, correction
 
 
 def steady_start(s: BudgetSettings) -> tuple[int, int]:
