@@ -70,32 +70,6 @@ VMSTAT = Path("/proc/vmstat")
 #: the share of guest pages that are common / zero; the rest is unique (scenario mixed)
 MIX = (0.6, 0.1)
 
-CHURN_HELPER = r"""
-import mmap, os, signal, sys, time
-mib, frac, period = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
-PAGE = mmap.PAGESIZE
-n = (mib << 20) // PAGE
-m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(15)  # MADV_NOHUGEPAGE
-common = (b"ksmtuned-churn" * (PAGE // 14 + 1))[:PAGE]
-for i in range(n):
-    m[i * PAGE:(i + 1) * PAGE] = common
-m.madvise(mmap.MADV_MERGEABLE)
-print("ready", flush=True)
-k = max(1, int(n * frac))
-pos, prev = 0, None
-while True:
-    t = time.monotonic()
-    if prev is not None:
-        for i in prev:
-            m[i * PAGE:(i + 1) * PAGE] = common          # re-mergeable again
-    cur = [(pos + j) % n for j in range(k)]
-    junk = os.urandom(k * PAGE)
-    for j, i in enumerate(cur):
-        m[i * PAGE:(i + 1) * PAGE] = junk[j * PAGE:(j + 1) * PAGE]   # a merged page broken (cow_ksm)
-    prev, pos = cur, (pos + k) % n
-    time.sleep(max(0.0, period - (time.monotonic() - t)))
-"""
 
 
 def params_for(quick: bool, steady_s: float | None, interval_s: float | None) -> dict:
@@ -186,8 +160,8 @@ class Guest:
 
 class Churn:
     def __init__(self, mib: int, fraction: float, period_s: float):
-        self.proc = subprocess.Popen([sys.executable, "-c", CHURN_HELPER, str(mib), str(fraction), str(period_s)],
-                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("mergeable.py")), str(mib), "churn",
+                                      str(fraction), str(period_s)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
         if self.proc.stdout.readline().strip() != b"ready":
             raise BrokenBenchmark("the churn helper did not start")
         self.pid = self.proc.pid

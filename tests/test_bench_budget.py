@@ -139,7 +139,7 @@ def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_vi
     from bench import truecount
 
     n = 8 * 2**20 // PAGE  # 2048 pages of 4 KiB
-    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", "8", "rewrite"], cwd=REPO, stdin=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", "8", "rewrite"], cwd=REPO, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"

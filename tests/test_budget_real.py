@@ -32,7 +32,7 @@ def read(root: Path, name: str) -> int:
 
 
 def start_mergeable(stack: ExitStack, mib: int, *more: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(mib), *more], stdout=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib), *more], stdout=subprocess.PIPE, text=True,
                          cwd=REPO)
     stack.callback(lambda: (p.kill(), p.wait()))
     assert p.stdout.readline().strip() == "ready"
@@ -102,7 +102,7 @@ def test_budget_merges_real_memory_then_ksmd_goes_quiet(real_ksm, tmp_path):
         start_mergeable(stack, mib)
         start_mergeable(stack, mib)
 
-    t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:tests\.mergeable", work, 2 * pages)
+    t90, steady = merge_then_steady(real_ksm, tmp_path, r"regex:bench\.mergeable", work, 2 * pages)
     assert steady <= STEADY_BOUND_PCT
 
 
@@ -113,7 +113,7 @@ def test_a_look_alike_with_nothing_opted_in_sets_off_no_burst(real_ksm, tmp_path
     counted as still to merge); the same size opted in is."""
     state = tmp_path / "state.json"
     with ExitStack() as stack:
-        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\n", sysfs=real_ksm,
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:bench\\.mergeable'\n", sysfs=real_ksm,
                        extra=["--state-file", str(state)])
         stack.callback(d.stop)
         d.start()
@@ -164,7 +164,7 @@ def test_churn_that_merges_again_is_held_on_the_real_kernel(real_ksm, tmp_path):
     state = tmp_path / "state.json"
     prom = tmp_path / "metrics.prom"
     with ExitStack() as stack:
-        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:tests\\.mergeable'\nKSM_BUDGET_MIN_PASS=20\nKSM_BUDGET_CHURN_PCT=1\n"
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:bench\\.mergeable'\nKSM_BUDGET_MIN_PASS=20\nKSM_BUDGET_CHURN_PCT=1\n"
                        f"KSM_METRICS_TEXTFILE={prom}\n", sysfs=real_ksm, extra=["--state-file", str(state)])
         stack.callback(d.stop)
         d.start()
