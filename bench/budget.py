@@ -71,7 +71,6 @@ VMSTAT = Path("/proc/vmstat")
 MIX = (0.6, 0.1)
 
 
-
 def params_for(quick: bool, steady_s: float | None, interval_s: float | None) -> dict:
     if quick:
         p = {"guests": 2, "guest_mib": 32, "merge_timeout_s": 8, "settle_max_s": 2, "steady_s": 2.0,

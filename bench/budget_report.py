@@ -216,7 +216,7 @@ def markdown(res: dict, plot: str | None, command: str) -> str:
 
 
 def plot(res: dict, path: Path) -> str | None:
-    """One row per scenario: pages saved, and ksmd CPU % (2 s windows), against time; None or why not."""
+    """One row per scenario: pages saved, and ksmd CPU % (windows of 2 s or more), against time; None or why not."""
     try:
         import matplotlib
 
@@ -241,18 +241,20 @@ def plot(res: dict, path: Path) -> str | None:
             tr = [(x["t"], x["true_saved"]) for x in s if "true_saved" in x]
             if tr:  # truly merged (pagemap + KPF_KSM), every ~5 s: dots in the line's colour
                 a1.plot([x for x, _ in tr], [y for _, y in tr], ".", color=line.get_color(), markersize=2.5)
+            # over the shortest window of at least 2 s that ends at each sample (a results file
+            # combined from several runs keeps fewer samples: then from one sample to the next)
             pt, pc = [], []
             j = 0
             for i in range(1, len(s)):
-                while s[i]["t"] - s[j]["t"] > 2.0:
+                while j + 1 < i and s[i]["t"] - s[j + 1]["t"] >= 2.0:
                     j += 1
-                if i > j and s[i]["t"] > s[j]["t"]:
+                if s[i]["t"] > s[j]["t"]:
                     pt.append(s[i]["t"])
                     pc.append(max(1e-3, 100 * (s[i]["ksmd_cpu_s"] - s[j]["ksmd_cpu_s"]) / (s[i]["t"] - s[j]["t"])))
             a2.plot(pt, pc, label=LABELS[t], linewidth=1.0)
         a1.set_title(SCENARIO_LABELS[sc], fontsize=9)
         a1.set_ylabel("pages saved", fontsize=8)
-        a2.set_ylabel("ksmd CPU % (2 s)", fontsize=8)
+        a2.set_ylabel("ksmd CPU % (≥ 2 s)", fontsize=8)
         a2.set_yscale("log")
         a2.axhline(0.3, color="grey", linestyle=":", linewidth=0.8)
         tmax = max((x["t"] for t in TUNERS for r in R[sc]["runs"].get(t, [])[:1] for x in r["samples"][-1:]), default=1)

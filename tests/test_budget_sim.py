@@ -391,7 +391,7 @@ def test_steady_values_do_not_jitter():
 
 def test_steady_holds_the_budget_while_visits_grow_dearer():
     """On the real kernel a unique page that smart scan skips more and more makes each counted
-    visit dearer, pass after pass (bench/results/2026-12-02-budget: 0.25 % crept to 0.30 %).
+    visit dearer, pass after pass (a budget benchmark run of 2026-12-02: 0.25 % crept to 0.30 %).
     The cost estimate, a five-minute average, lags that; the loop on ksmd's measured CPU must
     still bring it down to the budget, not settle above it (it settled at ~1.12x the budget
     while its correction was only proportional to the last minute's overshoot)."""
