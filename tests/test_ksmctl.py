@@ -186,7 +186,7 @@ def test_unmerge_on_the_real_ksm(real_ksm, tmp_path):
     pages_each = 16 * 1024 * 1024 // 4096
     with ExitStack() as stack:
         for _ in range(2):
-            p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", "16"], stdout=subprocess.PIPE,
+            p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", "16"], stdout=subprocess.PIPE,
                                  text=True, cwd=REPO)
             stack.callback(lambda p=p: (p.kill(), p.wait()))
             assert p.stdout.readline().strip() == "ready"

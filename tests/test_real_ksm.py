@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def start_mergeable(stack: ExitStack, mib: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(mib)], stdout=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib)], stdout=subprocess.PIPE, text=True,
                          cwd=REPO)
     stack.callback(lambda: (p.kill(), p.wait()))
     assert p.stdout.readline().strip() == "ready"
