@@ -280,7 +280,10 @@ def test_state_file_through_a_planted_link_leaves_the_target_alone(tmp_path, sti
         d.wait_more(3)
         wait_until(lambda: not state.is_symlink() and state.stat().st_ino != target.stat().st_ino,
                    what="the link replaced by the daemon's own file")
-        assert state.stat().st_uid == 0 and state.stat().st_nlink == 1
+        # one stat: the daemon replaces the file 50 times a second, so a stat can land on a file
+        # just renamed over (nlink 0, seen in CI's 3.9 tier); never the target's 2 links
+        st = state.stat()
+        assert st.st_uid == 0 and st.st_nlink in (0, 1), st
         assert target.read_bytes() == content
         assert "Traceback" not in d.stderr_text()
         assert d.stop() == 0
