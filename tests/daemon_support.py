@@ -10,6 +10,17 @@ from tests.fakes import ksm as _ksm
 from tests.fakes.daemon import DaemonProc  # noqa: F401  (the one daemon wrapper, tests/fakes)
 
 KNOB_DEFAULTS = _ksm.KNOBS
+REPO = Path(__file__).resolve().parent.parent
+
+
+def start_mergeable(stack, mib: int, *mode: str) -> subprocess.Popen:
+    """bench/mergeable.py holding ``mib`` MiB (``mode``: plain, churn, ...), killed when ``stack``
+    closes; returns once it says "ready"."""
+    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib), *mode], stdout=subprocess.PIPE, text=True,
+                         cwd=REPO)
+    stack.callback(lambda: (p.kill(), p.wait()))
+    assert p.stdout.readline().strip() == "ready"
+    return p
 
 
 def fake_ksm_dir(root: Path) -> Path:

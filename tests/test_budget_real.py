@@ -9,8 +9,6 @@ helpers' processes share the CPUs, and other mergeable memory on the host is sca
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ksmtuned.kernel.ksmd import Ksmd
-from tests.daemon_support import DaemonProc
+from tests.daemon_support import DaemonProc, start_mergeable
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = ("KSM_THRES_COEF=100\nKSM_POLICY=budget\nKSM_MONITOR_INTERVAL=60\nKSM_BUDGET_WATCH=0.5\n")
@@ -29,14 +27,6 @@ STEADY_BOUND_PCT = 0.3
 
 def read(root: Path, name: str) -> int:
     return int((root / name).read_text())
-
-
-def start_mergeable(stack: ExitStack, mib: int, *more: str) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib), *more], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO)
-    stack.callback(lambda: (p.kill(), p.wait()))
-    assert p.stdout.readline().strip() == "ready"
-    return p
 
 
 def budget_of(state: Path) -> dict:

@@ -181,15 +181,12 @@ def test_unmerge_on_the_real_ksm(real_ksm, tmp_path):
     import time
     from contextlib import ExitStack
 
-    from tests.conftest import REPO
+    from tests.daemon_support import start_mergeable
 
     pages_each = 16 * 1024 * 1024 // 4096
     with ExitStack() as stack:
         for _ in range(2):
-            p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", "16"], stdout=subprocess.PIPE,
-                                 text=True, cwd=REPO)
-            stack.callback(lambda p=p: (p.kill(), p.wait()))
-            assert p.stdout.readline().strip() == "ready"
+            start_mergeable(stack, 16)
         for name, value in (("pages_to_scan", "5000"), ("sleep_millisecs", "10"), ("run", "1")):
             (real_ksm / name).write_text(value)
         deadline = time.monotonic() + 60

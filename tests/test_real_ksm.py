@@ -1,28 +1,18 @@
 """The daemon against the real /sys/kernel/mm/ksm: it turns KSM on, and the kernel merges."""
 
-import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from tests.daemon_support import DaemonProc
+from tests.daemon_support import DaemonProc, start_mergeable
 
 pytestmark = [pytest.mark.root, pytest.mark.ksm]
 
 MIB_EACH = 32
 PAGES_EACH = MIB_EACH * 1024 * 1024 // 4096
 REPO = Path(__file__).resolve().parent.parent
-
-
-def start_mergeable(stack: ExitStack, mib: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib)], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO)
-    stack.callback(lambda: (p.kill(), p.wait()))
-    assert p.stdout.readline().strip() == "ready"
-    return p
 
 
 def read(root: Path, name: str) -> int:
