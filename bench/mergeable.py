@@ -1,10 +1,11 @@
 """A process holding N MiB of private anonymous memory opted in to KSM, every page identical
 (huge pages refused: KSM merges only small ones).
 
-Run as `python -m bench.mergeable MIB [plain | churn [FRACTION PERIOD_S] | rewrite]`; prints
+Run as `python -m bench.mergeable MIB [plain | late | churn [FRACTION PERIOD_S] | rewrite]`; prints
 "ready" once the memory is touched and marked.  The budget benchmark's churn scenario and the
 real-KSM tests both run it.  With `plain` the memory is never opted in (ksm_stat:
-ksm_mergeable: no): a process that only looks like a guest.  With `churn` it then keeps
+ksm_mergeable: no): a process that only looks like a guest.  With `late` it prints "touched"
+once the memory is touched, and opts in only after a line on stdin.  With `churn` it then keeps
 rewriting it: every PERIOD_S (1 s) a new FRACTION (5 %) slice gets random data (merged pages
 broken: cow_ksm) and the previous slice its old content back (mergeable again), so each page
 is rewritten every 20 s and is otherwise left alone.  With `rewrite` it waits for a line on
@@ -30,6 +31,9 @@ def main() -> None:
     for off in range(0, size, PAGE):
         m[off : off + PAGE] = page
     mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    if mode == "late":
+        print("touched", flush=True)
+        sys.stdin.readline()
     if mode != "plain":
         m.madvise(mmap.MADV_MERGEABLE)
     print("ready", flush=True)

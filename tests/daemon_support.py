@@ -13,13 +13,14 @@ KNOB_DEFAULTS = _ksm.KNOBS
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_mergeable(stack, mib: int, *mode: str) -> subprocess.Popen:
-    """bench/mergeable.py holding ``mib`` MiB (``mode``: plain, churn, ...), killed when ``stack``
-    closes; returns once it says "ready"."""
-    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib), *mode], stdout=subprocess.PIPE, text=True,
-                         cwd=REPO)
+def start_mergeable(stack, mib: int, *mode: str, first: str = "ready") -> subprocess.Popen:
+    """bench/mergeable.py holding ``mib`` MiB (``mode``: plain, late, churn, rewrite ...), killed
+    when ``stack`` closes; returns once it says ``first`` ("ready"; "touched" for late).  Its
+    stdin is a pipe (late and rewrite wait for a line)."""
+    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", str(mib), *mode], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, cwd=REPO)
     stack.callback(lambda: (p.kill(), p.wait()))
-    assert p.stdout.readline().strip() == "ready"
+    assert p.stdout.readline().strip() == first
     return p
 
 

@@ -10,11 +10,13 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 
 import pytest
 
 from bench import budget, budget_report
 from tests.conftest import REPO
+from tests.daemon_support import start_mergeable
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -139,10 +141,8 @@ def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_vi
     from bench import truecount
 
     n = 8 * 2**20 // PAGE  # 2048 pages of 4 KiB
-    p = subprocess.Popen([sys.executable, "-m", "bench.mergeable", "8", "rewrite"], cwd=REPO, stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "ready"
+    with ExitStack() as stack:
+        p = start_mergeable(stack, 8, "rewrite")
         (real_ksm / "pages_to_scan").write_text("10000")
         (real_ksm / "sleep_millisecs").write_text("0")
         (real_ksm / "run").write_text("1")
@@ -163,9 +163,6 @@ def test_true_count_matches_the_kernel_and_drops_at_the_write_not_at_the_next_vi
         after = truecount.true_merged([p.pid])
         assert after["mapped"] == n - n // 2, after
         assert budget.merging_pages(p.pid) == n  # the counter lags: no visit since the writes
-    finally:
-        p.kill()
-        p.wait()
 
 
 def test_true_count_is_none_for_a_process_that_is_gone():

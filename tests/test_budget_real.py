@@ -124,6 +124,31 @@ def test_a_look_alike_with_nothing_opted_in_sets_off_no_burst(real_ksm, tmp_path
 
 @pytest.mark.root
 @pytest.mark.ksm
+def test_a_guest_that_opts_in_after_touching_its_memory_bursts_at_the_next_watch(real_ksm, tmp_path):
+    """A process seen with its 128 MiB touched but not yet opted in (madvise comes later) is no
+    news then; its opt-in alone (no growth left to see) is, within a watch or two, not at the
+    next 10-s steady tick."""
+    state = tmp_path / "state.json"
+    with ExitStack() as stack:
+        d = DaemonProc(tmp_path, BUDGET + "KSM_GUEST_MATCH='regex:bench\\.mergeable'\n", sysfs=real_ksm,
+                       extra=["--state-file", str(state)])
+        stack.callback(d.stop)
+        d.start()
+        wait_mode(state, "steady", 10)
+        p = start_mergeable(stack, 128, "late", first="touched")
+        deadline = time.monotonic() + 3  # six watches: the daemon has seen it, not opted in
+        while time.monotonic() < deadline:
+            assert budget_of(state).get("mode") != "burst"
+            time.sleep(0.1)
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "ready"
+        burst = wait_mode(state, "burst", 2.5)
+        assert f"new guest {p.pid}" in burst["reason"], burst
+
+
+@pytest.mark.root
+@pytest.mark.ksm
 @pytest.mark.qemu
 def test_budget_merges_real_guests_then_ksmd_goes_quiet(real_ksm, tmp_path):
     from tests import qemu_support as qs

@@ -160,7 +160,9 @@ class BudgetDriver:
 
 class Watch:
     """The cheap look between steady ticks (every KSM_BUDGET_WATCH): did a known guest go or
-    grow (its statm), or did the host's anonymous memory grow (AnonPages in /proc/meminfo: a
+    grow (its statm), did a known guest with nothing opted in opt in (its ksm_stat: a process
+    that touches its memory first and calls madvise(MADV_MERGEABLE) after, seen in between, has
+    nothing left to grow), or did the host's anonymous memory grow (AnonPages in /proc/meminfo: a
     new guest's RAM)?  One small read per file.  New processes alone are
     no news: a busy host starts dozens a second, and classifying them all each second would
     cost the daemon more than ksmd's whole budget (measured here: 1-4 ms a scan)."""
@@ -170,6 +172,7 @@ class Watch:
         self.page_kib = page_kib
         self._anon_kib: Optional[int] = None
         self._rss: dict[int, int] = {}
+        self._unopted: tuple[int, ...] = ()
         self.probes = 0
 
     def _anon(self) -> Optional[int]:
@@ -182,11 +185,19 @@ class Watch:
 
     def arm(self, guests: Iterable[Guest]) -> None:
         """Remember what the last full tick saw."""
+        guests = list(guests)
         self._rss = {g.pid: g.rss_kib for g in guests}
+        self._unopted = tuple(g.pid for g in guests if g.ksm_mergeable is False)
         self._anon_kib = self._anon()
 
+    def _opted_in(self, pid: int) -> bool:
+        try:
+            return b"\nksm_mergeable: yes" in read_record(f"{self.procfs}/{pid}/ksm_stat")
+        except OSError:
+            return False  # gone: its statm says so
+
     def changed(self, growth_kib: int) -> Optional[str]:
-        """None if nothing moved; "guest" if a known guest went or grew (a budget tick is due);
+        """None if nothing moved; "guest" if a known guest went, grew or opted in (a budget tick is due);
         "memory" if the host's anonymous memory grew (the caller asks the guest finder)."""
         self.probes += 1
         for pid, rss in self._rss.items():
@@ -196,6 +207,8 @@ class Watch:
                 return "guest"  # gone
             if resident - rss >= growth_kib:
                 return "guest"
+        if any(self._opted_in(pid) for pid in self._unopted):
+            return "guest"
         anon = self._anon()
         if anon is None or self._anon_kib is None:
             return "memory"
