@@ -239,11 +239,8 @@ class Ksmd:
                 self._left_in_batch = max(1, self.pages_to_scan)
                 if not self.procs:
                     self._left_in_batch = 0
-            while self._left_in_batch and self.now_ns < until:
-                if not self._visit_next():  # the pass ended: so does the batch
-                    self._left_in_batch = 0
-                    break
-                self._left_in_batch -= 1
+            if self._left_in_batch:
+                self._batch(until)
             if self._left_in_batch == 0:
                 self._wake_at = self._sleep_ns(self.now_ns)
 
@@ -251,75 +248,106 @@ class Ksmd:
         self.cpu_ns += ns
         self.now_ns += ns
 
-    def _visit_next(self) -> bool:
-        """Visit the next page that is not skipped; False at the end of a pass."""
+    def _batch(self, until: float) -> None:
+        """The batch under way, until it is done, its pass ends or ``until`` (ns), page by page:
+        the next page smart scan does not skip, then its visit (the stable tree first, then the
+        checksum, then the unstable tree).  The simulator's hot loop: its state is in locals."""
         costs = self.costs
-        while True:
-            if self.cursor_proc is None:  # the start of a pass
-                if not self.procs:
-                    return False
-                self.unstable.clear()
-                self.cursor_proc, self.cursor_page = self.procs[0], 0
-            p, i = self.cursor_proc, self.cursor_page
-            if i >= p.pages:
-                k = self.procs.index(p)
-                if k + 1 < len(self.procs):
-                    self.cursor_proc, self.cursor_page = self.procs[k + 1], 0
-                    continue
-                self.cursor_proc, self.cursor_page = None, 0
-                self.full_scans += 1
-                return False
-            self.cursor_page = i + 1
-            if not p.rmap[i]:
-                p.rmap[i] = 1
-                self._tracked += 1
-            if self.smart_scan and not p.ksm[i]:
-                age = p.age[i]
-                if age < 255:
-                    p.age[i] = age + 1
-                if age >= 3:
-                    if p.skips[i] == 0:
-                        p.skips[i] = skip_age(age)
-                    else:
-                        p.skips[i] -= 1
-                        self.pages_skipped += 1
-                        self._spend(costs.skip)
+        c_skip, c_rev, c_merge, c_chk, c_uniq = (costs.skip, costs.revisit_merged, costs.merge, costs.checksum,
+                                                 costs.unique)
+        smart = self.smart_scan
+        stable, unstable, procs = self.stable, self.unstable, self.procs
+        now, cpu, left = self.now_ns, self.cpu_ns, self._left_in_batch
+        scanned, skipped, tracked = self.pages_scanned, self.pages_skipped, self._tracked
+        shared, sharing = self._shared, self._sharing
+        p, i = self.cursor_proc, self.cursor_page
+        if p is not None:
+            content, rmap, ksm, age_, skips, chk, n = p.content, p.rmap, p.ksm, p.age, p.skips, p.chk, len(p.content)
+        while left and now < until:
+            found = False
+            while True:  # the next page that is not skipped (skips take no part of the batch)
+                if p is None:  # the start of a pass
+                    if not procs:
+                        break
+                    unstable.clear()
+                    p, i = procs[0], 0
+                    content, rmap, ksm, age_, skips, chk, n = (p.content, p.rmap, p.ksm, p.age, p.skips, p.chk,
+                                                               len(p.content))
+                if i >= n:
+                    k = procs.index(p)
+                    if k + 1 < len(procs):
+                        p, i = procs[k + 1], 0
+                        content, rmap, ksm, age_, skips, chk, n = (p.content, p.rmap, p.ksm, p.age, p.skips, p.chk,
+                                                                   len(p.content))
                         continue
-            self.pages_scanned += 1
-            self._cmp_and_merge(p, i)
-            return True
-
-    def _cmp_and_merge(self, p: Proc, i: int) -> None:
-        costs = self.costs
-        c = p.content[i]
-        if p.ksm[i]:
-            self._spend(costs.revisit_merged)
-            return
-        if self.stable.get(c, 0) > 0:  # the stable tree is searched first, on every visit
-            self.stable[c] += 1
-            self._sharing += 1
-            p.ksm[i] = 1
-            p.age[i] = 0
-            self._spend(costs.merge)
-            return
-        if p.chk[i] != c:  # first visit, or changed since the last: only note the checksum
-            p.chk[i] = c
-            self._spend(costs.checksum)
-            return
-        other = self.unstable.get(c)
-        if other is not None:
-            q, j = other
-            if q.content[j] == c and not q.ksm[j] and (q is not p or j != i):
-                del self.unstable[c]
-                self.stable[c] = 2
-                self._shared += 1
-                self._sharing += 1
-                p.ksm[i] = q.ksm[j] = 1
-                p.age[i] = q.age[j] = 0
-                self._spend(costs.merge)
-                return
-        self.unstable[c] = (p, i)
-        self._spend(costs.unique)
+                    p, i = None, 0
+                    self.full_scans += 1
+                    break
+                j = i
+                i += 1
+                if not rmap[j]:
+                    rmap[j] = 1
+                    tracked += 1
+                merged = ksm[j]
+                if smart and not merged:
+                    age = age_[j]
+                    if age < 255:
+                        age_[j] = age + 1
+                    if age >= 3:
+                        if skips[j] == 0:
+                            skips[j] = skip_age(age)
+                        else:
+                            skips[j] -= 1
+                            skipped += 1
+                            cpu += c_skip
+                            now += c_skip
+                            continue
+                found = True
+                break
+            if not found:  # the pass ended: so does the batch
+                left = 0
+                break
+            scanned += 1
+            left -= 1
+            # compare and merge
+            if merged:
+                cpu += c_rev
+                now += c_rev
+                continue
+            c = content[j]
+            if stable.get(c, 0) > 0:  # the stable tree is searched first, on every visit
+                stable[c] += 1
+                sharing += 1
+                ksm[j] = 1
+                age_[j] = 0
+                cpu += c_merge
+                now += c_merge
+                continue
+            if chk[j] != c:  # first visit, or changed since the last: only note the checksum
+                chk[j] = c
+                cpu += c_chk
+                now += c_chk
+                continue
+            other = unstable.get(c)
+            if other is not None:
+                q, m = other
+                if q.content[m] == c and not q.ksm[m] and (q is not p or m != j):
+                    del unstable[c]
+                    stable[c] = 2
+                    shared += 1
+                    sharing += 1
+                    ksm[j] = q.ksm[m] = 1
+                    age_[j] = q.age[m] = 0
+                    cpu += c_merge
+                    now += c_merge
+                    continue
+            unstable[c] = (p, j)
+            cpu += c_uniq
+            now += c_uniq
+        self.now_ns, self.cpu_ns, self._left_in_batch = now, cpu, left
+        self.pages_scanned, self.pages_skipped, self._tracked = scanned, skipped, tracked
+        self._shared, self._sharing = shared, sharing
+        self.cursor_proc, self.cursor_page = p, i
 
 
 # --- workloads ------------------------------------------------------------------------------
