@@ -9,13 +9,17 @@ It follows mm/ksm.c (6.12 era) where it matters to a tuner (TUNING.md section 1)
   does not sleep.  Writing ``sleep_millisecs`` wakes it at once, ``pages_to_scan`` does not.
 - A batch ends early at the end of a pass (``full_scans`` += 1); the unstable tree is rebuilt
   every pass.
-- Every page needs two visits: the first records a checksum; a later one whose checksum
-  matches searches the unstable tree, and merges with an equal page found there (both become
-  one KSM page in the stable tree).  A page equal to an existing KSM page merges at once
-  (the stable tree is searched first, on every visit).
+- Every page needs two visits (cmp_and_merge_page): a visit to a page that is not a KSM page
+  first compares its checksum with the last visit's, and if it changed (a first visit, or a
+  page written since) only records it.  A later visit whose checksum matches searches the
+  stable tree (a page equal to a KSM page merges with it), then the unstable tree, and merges
+  with an equal page found there (both become one KSM page in the stable tree).
 - A new process is inserted just behind the cursor: the pass under way skips it.
-- Smart scan: a page that did not merge is skipped more and more (age >= 3: every 2nd, 3rd,
-  5th, then 9th pass), never a KSM page; skipped pages do not count against the batch.
+- Smart scan: a visit to a page that is not a KSM page ages it (its rmap item's ``age``);
+  from age 3 it is skipped more and more (every 2nd, 3rd, 5th, then 9th pass), never while it
+  is a KSM page; skipped pages do not count against the batch.  The age is never reset: a page
+  merged, broken by a write and merged again keeps aging, so churned pages end up visited only
+  every 9th pass (the age counts "scan iterations since creation" of the rmap item).
 - A write to a merged page breaks it (``cow_ksm``).
 
 Costs are per visit by outcome, and per wake-up (:class:`Costs`, calibrated from
@@ -315,18 +319,17 @@ class Ksmd:
                 now += c_rev
                 continue
             c = content[j]
-            if stable.get(c, 0) > 0:  # the stable tree is searched first, on every visit
-                stable[c] += 1
-                sharing += 1
-                ksm[j] = 1
-                age_[j] = 0
-                cpu += c_merge
-                now += c_merge
-                continue
             if chk[j] != c:  # first visit, or changed since the last: only note the checksum
                 chk[j] = c
                 cpu += c_chk
                 now += c_chk
+                continue
+            if stable.get(c, 0) > 0:  # then the stable tree, then the unstable one
+                stable[c] += 1
+                sharing += 1
+                ksm[j] = 1
+                cpu += c_merge
+                now += c_merge
                 continue
             other = unstable.get(c)
             if other is not None:
@@ -337,7 +340,6 @@ class Ksmd:
                     shared += 1
                     sharing += 1
                     ksm[j] = q.ksm[m] = 1
-                    age_[j] = q.age[m] = 0
                     cpu += c_merge
                     now += c_merge
                     continue
