@@ -83,6 +83,10 @@ MAX_PASS_MARKS = 32
 #: most of their cycle).  The counters tell the two apart: such merges raise the pages saved,
 #: merges that break at once do not (pages_sharing drops only at ksmd's next visit).  So a trial
 #: also holds when the pages saved grew by at least HOLD_MIN_GAIN of them.
+#: Smart scan undoes much of this on 6.7+ kernels: a merge never resets a page's age, so a
+#: churned page ends up visited every 9th pass and waits far longer than half a pass
+#: (measured: bench/churn_aging.py; docs/budget.md, "Churn and smart scan").  The hold was
+#: designed without that; tests/test_budget_sim.py marks the tables it no longer meets.
 HOLD_MIN_CHURN = 0.25
 HOLD_TRIAL_S = 40.0
 HOLD_SETTLE_S = 10.0  # the trial's first seconds (its cost measured, ksmd at the new rate) not counted
